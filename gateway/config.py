@@ -1,0 +1,169 @@
+"""Configuration: gateway.yaml loaded, defaulted and validated into frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+IP_STRATEGIES = ("ipv4_only", "ipv6_only", "ipv4_then_ipv6", "ipv6_then_ipv4")
+ADDRESS_STRATEGIES = ("default", "static", "random")
+
+
+class ConfigError(Exception):
+    """A bad configuration: the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str = "certs/gateway.pem"
+    key: str = "certs/gateway.key"
+
+
+@dataclass(frozen=True)
+class IMAPConfig:
+    listen: tuple[str, ...] = ("ssl:2993",)
+    starttls_listen: tuple[str, ...] = ()
+    allow_plaintext_login: bool = False
+    preauth_timeout: float = 60.0
+    login_timeout: float = 45.0
+    max_pending: int = 1048576
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: tuple[str, ...] = ("tcp:2587",)
+    implicit_tls_listen: tuple[str, ...] = ()
+    hostname: str = "localhost"
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    listen: str = "tcp:3000:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    ca_file: str | None = None
+    connect_timeout: float = 15.0
+    refresh_margin: float = 120.0
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    local_addresses: tuple[str, ...] = ()
+    address_strategy: str = "default"
+    ip_strategy: Any = "ipv4_then_ipv6"
+    proxy: str | None = None
+    no_proxy: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    store: str = "sqlite:var/gateway.db"
+    secret_key_file: str = "var/secret.key"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+
+def _check_type(path: str, value: Any, default: Any, hint: str) -> Any:
+    """Check one leaf value against the type its field declares."""
+    if hint.startswith("tuple"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {path}: expected a list of strings")
+        return tuple(value)
+    if hint == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {path}: expected true or false")
+        return value
+    if hint == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"config key {path}: expected a positive number")
+        return float(value)
+    if hint == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config key {path}: expected a positive integer")
+        return value
+    if hint == "str":
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config key {path}: expected a non-empty string")
+        return value
+    if hint == "str | None":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"config key {path}: expected a string or null")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key {prefix or '(top level)'}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key {where}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+            values[name] = _build(f.default_factory, data[name], path)  # type: ignore[arg-type]
+        else:
+            values[name] = _check_type(path, data[name], f.default, hint)
+    return cls(**values)
+
+
+def _validate(config: Config) -> None:
+    """Cross-field checks that a type check alone cannot make."""
+    store = config.store
+    if not (store.startswith("sqlite:") or store.startswith("redis://")):
+        raise ConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB")
+    net = config.network
+    if net.address_strategy not in ADDRESS_STRATEGIES:
+        raise ConfigError(
+            f"config key network.address_strategy: expected one of {', '.join(ADDRESS_STRATEGIES)}"
+        )
+    if isinstance(net.ip_strategy, str):
+        if net.ip_strategy not in IP_STRATEGIES:
+            raise ConfigError(f"config key network.ip_strategy: expected one of {', '.join(IP_STRATEGIES)}")
+    elif not isinstance(net.ip_strategy, list):
+        raise ConfigError("config key network.ip_strategy: expected a strategy name or a list of rules")
+    if config.upstream.ca_file is not None and not Path(config.upstream.ca_file).is_file():
+        raise ConfigError(f"config key upstream.ca_file: no such file {config.upstream.ca_file}")
+    if not (config.imap.listen or config.imap.starttls_listen):
+        raise ConfigError("config key imap.listen: at least one IMAP listener is needed")
+
+
+def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load ``path`` (or the built-in defaults when None) and validate it."""
+    data: Any = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if overrides:
+        data = {**data, **overrides}
+    config = _build(Config, data, "")
+    _validate(config)
+    return config

@@ -1,0 +1,78 @@
+"""Live sessions: what /v1/connections shows and what the metrics count."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+LOGINS = Counter("gateway_logins_total", "Client logins by protocol and result", ["protocol", "result"])
+SESSIONS = Gauge("gateway_sessions_active", "Relayed sessions open now", ["protocol"])
+RELAYED = Counter("gateway_relayed_bytes_total", "Bytes relayed", ["protocol", "direction"])
+
+
+class Session:
+    """One relayed session, as listed by /v1/connections."""
+
+    def __init__(self, registry: "Connections", protocol: str, account: str, client: str,
+                 upstream: str, source: str | None, proxy: str | None) -> None:
+        self._registry = registry
+        self.id = next(registry._ids)
+        self.protocol = protocol
+        self.account = account
+        self.client = client
+        self.upstream = upstream
+        self.source = source
+        self.proxy = proxy
+        self.started = time.time()
+        self.bytes_to_upstream = 0
+        self.bytes_to_client = 0
+        self._up = RELAYED.labels(protocol, "to_upstream")
+        self._down = RELAYED.labels(protocol, "to_client")
+
+    def to_upstream(self, n: int) -> None:
+        self.bytes_to_upstream += n
+        self._up.inc(n)
+
+    def to_client(self, n: int) -> None:
+        self.bytes_to_client += n
+        self._down.inc(n)
+
+    def close(self) -> None:
+        self._registry._close(self)
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "protocol": self.protocol, "account": self.account,
+            "client": self.client, "upstream": self.upstream,
+            "localAddress": self.source, "proxy": self.proxy,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "bytesToUpstream": self.bytes_to_upstream, "bytesToClient": self.bytes_to_client,
+        }
+
+
+class Connections:
+    """Registry of live relayed sessions."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._sessions: dict[int, Session] = {}
+
+    def open(self, protocol: str, account: str, client: str, upstream: str,
+             source: str | None = None, proxy: str | None = None) -> Session:
+        session = Session(self, protocol, account, client, upstream, source, proxy)
+        self._sessions[session.id] = session
+        SESSIONS.labels(protocol).inc()
+        return session
+
+    def _close(self, session: Session) -> None:
+        if self._sessions.pop(session.id, None) is not None:
+            SESSIONS.labels(session.protocol).dec()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [s.view() for s in self._sessions.values()]
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,265 @@
+"""The upstream IMAP leg: greeting, STARTTLS, XOAUTH2 or LOGIN, our ID, then hand-over to the relay."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.interfaces import ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from gateway.net.relay import set_nodelay
+
+MAX_RESPONSE = 256 * 1024
+_LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
+_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or used; the message is safe to show to the client."""
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream refused our credentials (token or password)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the gateway logs in upstream with."""
+
+    mechanism: str  # "XOAUTH2" or "LOGIN"
+    user: str
+    secret: str
+
+
+class UpstreamIMAP(Protocol):
+    """Client side of the upstream connection: line reader until ``relay_to`` hands it over."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._responses: deque[bytes] = deque()
+        self._waiter: defer.Deferred[bytes] | None = None
+        self._closed: Failure | None = None
+        self._sink: ITransport | None = None
+        self._on_close: Any = None
+        self._tag = 0
+        self.on_data: Any = None
+
+    # Twisted callbacks
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._sink is not None:
+            if self.on_data is not None:
+                self.on_data(len(data))
+            self._sink.write(data)
+            return
+        self._buffer += data
+        self._split_responses()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closed = reason
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.errback(UpstreamError(closed_reason(reason)))
+        if self._on_close is not None:
+            callback, self._on_close = self._on_close, None
+            callback()
+
+    # Reading whole responses (a line plus any literals it announces)
+    def _split_responses(self) -> None:
+        start = 0
+        while True:
+            end = self._buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = self._buffer[: end + 1]
+            match = _LITERAL_AT_END.search(line)
+            if match:
+                need = end + 1 + int(match.group(1))
+                if len(self._buffer) < need:
+                    break
+                start = need
+                continue
+            self._responses.append(self._buffer[: end + 1])
+            self._buffer = self._buffer[end + 1:]
+            start = 0
+        if len(self._buffer) > MAX_RESPONSE:
+            self._buffer = b""
+            self.transport.loseConnection()
+        if self._responses and self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(self._responses.popleft())
+
+    def read_response(self) -> defer.Deferred[bytes]:
+        """The next complete response from the server."""
+        if self._responses:
+            return defer.succeed(self._responses.popleft())
+        if self._closed is not None:
+            return defer.fail(UpstreamError(closed_reason(self._closed)))
+        self._waiter = defer.Deferred()
+        return self._waiter
+
+    def next_tag(self) -> bytes:
+        self._tag += 1
+        return b"G%d" % self._tag
+
+    async def command(self, line: bytes) -> tuple[bytes, list[bytes]]:
+        """Send ``TAG line`` and collect untagged responses until the tagged one."""
+        tag = self.next_tag()
+        self.transport.write(tag + b" " + line + b"\r\n")
+        return await self.read_tagged(tag)
+
+    async def read_tagged(self, tag: bytes) -> tuple[bytes, list[bytes]]:
+        untagged: list[bytes] = []
+        while True:
+            response = await self.read_response()
+            if response.startswith(tag + b" "):
+                return response, untagged
+            untagged.append(response)
+
+    # Hand-over
+    def relay_to(self, sink: ITransport, on_close: Any) -> bytes:
+        """From now on every byte goes to ``sink``; returns what was read but not consumed."""
+        self._sink = sink
+        self._on_close = on_close
+        leftover = b"".join(self._responses) + self._buffer
+        self._responses.clear()
+        self._buffer = b""
+        return leftover
+
+
+def closed_reason(reason: Failure) -> str:
+    """Why the upstream connection ended, in words for the client."""
+    if reason.check(SSL.Error):
+        detail = "certificate verify failed" if "certificate verify failed" in str(reason.value) else "handshake failed"
+        return f"upstream TLS error: {detail}"
+    return "upstream closed the connection"
+
+
+def capabilities_in(responses: list[bytes]) -> bytes | None:
+    """The capability list in a CAPABILITY response code or untagged CAPABILITY response."""
+    found = None
+    for response in responses:
+        match = _CAPABILITY_CODE.search(response)
+        if match:
+            found = match.group(1).strip()
+        elif response[:13].upper() == b"* CAPABILITY ":
+            found = response[13:].strip()
+    return found
+
+
+def _status(tagged: bytes) -> bytes:
+    parts = tagged.split(b" ", 2)
+    return parts[1].upper() if len(parts) > 1 else b""
+
+
+def _text(response: bytes) -> str:
+    """Printable ASCII of a server response, for an error message."""
+    parts = response.rstrip(b"\r\n").split(b" ", 2)
+    raw = parts[2] if len(parts) > 2 else b""
+    return "".join(chr(c) if 32 <= c < 127 else "?" for c in raw[:200])
+
+
+def _quoted(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    if any(c in raw for c in b"\r\n\0") or any(c > 127 for c in raw):
+        return b"{%d+}\r\n" % len(raw) + raw
+    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def xoauth2_initial(user: str, token: str) -> bytes:
+    """The XOAUTH2 initial client response, base64-encoded."""
+    return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+
+
+async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: Any = None,
+                gateway_id: bytes = b'("name" "gateway" "version" "0.1")') -> bytes:
+    """Drive a fresh upstream connection to the authenticated state; returns its capabilities."""
+    greeting = await proto.read_response()
+    if not greeting.upper().startswith(b"* OK"):
+        raise UpstreamError(f"upstream greeting refused: {_text(greeting)}")
+    caps = capabilities_in([greeting])
+    if starttls_options is not None:
+        if caps is None:
+            tagged, untagged = await proto.command(b"CAPABILITY")
+            caps = capabilities_in(untagged)
+        if caps is None or b"STARTTLS" not in caps.upper().split():
+            raise UpstreamError("upstream does not offer STARTTLS")
+        tagged, _ = await proto.command(b"STARTTLS")
+        if _status(tagged) != b"OK":
+            raise UpstreamError(f"upstream STARTTLS failed: {_text(tagged)}")
+        proto.transport.startTLS(starttls_options)
+        caps = None
+    if caps is None:
+        tagged, untagged = await proto.command(b"CAPABILITY")
+        caps = capabilities_in(untagged) or b""
+    words = caps.upper().split()
+
+    if creds.mechanism == "XOAUTH2":
+        tagged, untagged = await _xoauth2(proto, creds, sasl_ir=b"SASL-IR" in words)
+    else:
+        tagged, untagged = await proto.command(
+            b"LOGIN " + _quoted(creds.user) + b" " + _quoted(creds.secret))
+    if _status(tagged) != b"OK":
+        raise UpstreamAuthError(f"upstream login failed: {_text(tagged)}")
+    caps_after = capabilities_in(untagged + [tagged])
+
+    if b"ID" in words or (caps_after and b"ID" in caps_after.upper().split()):
+        await proto.command(b"ID " + gateway_id)
+    if caps_after is None:
+        tagged, untagged = await proto.command(b"CAPABILITY")
+        caps_after = capabilities_in(untagged) or b"IMAP4rev1"
+    return caps_after
+
+
+async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tuple[bytes, list[bytes]]:
+    """AUTHENTICATE XOAUTH2; a failure challenge is answered empty and its JSON error reported."""
+    initial = xoauth2_initial(creds.user, creds.secret)
+    tag = proto.next_tag()
+    if sasl_ir:
+        proto.transport.write(tag + b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n")
+    else:
+        proto.transport.write(tag + b" AUTHENTICATE XOAUTH2\r\n")
+    sent_initial = sasl_ir
+    untagged: list[bytes] = []
+    while True:
+        response = await proto.read_response()
+        if response.startswith(tag + b" "):
+            return response, untagged
+        if not response.startswith(b"+"):
+            untagged.append(response)
+            continue
+        if not sent_initial:
+            proto.transport.write(initial + b"\r\n")
+            sent_initial = True
+            continue
+        # A challenge after our token is the provider's error (base64 JSON); answer empty.
+        detail = _decode_challenge(response[1:].strip())
+        proto.transport.write(b"\r\n")
+        tagged, more = await proto.read_tagged(tag)
+        if detail and _status(tagged) != b"OK":
+            raise UpstreamAuthError(f"upstream login failed: {_text(tagged)} {detail}".strip())
+        return tagged, untagged + more
+
+
+def _decode_challenge(data: bytes) -> str:
+    try:
+        payload = json.loads(base64.b64decode(data, validate=True))
+    except ValueError:
+        return ""
+    if not isinstance(payload, dict):
+        return ""
+    return " ".join(f"{k}={payload[k]}" for k in ("status", "schemes", "scope") if k in payload)
+
+
+class UpstreamFactory(Factory):
+    protocol = UpstreamIMAP

@@ -1,0 +1,85 @@
+"""The running gateway: shared state (core) and the listeners as Twisted services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+
+from gateway import __version__
+from gateway.auth.oauth2 import TokenSource
+from gateway.config import Config
+from gateway.connections import Connections
+from gateway.imap.protocol import IMAPGatewayFactory
+from gateway.net.connector import Connector
+from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_description, server_options
+
+log = Logger()
+
+
+@dataclass
+class Core:
+    """What every session needs: config, store, token source, connector, live sessions."""
+
+    config: Config
+    reactor: Any
+    store: Any
+    tokens: TokenSource
+    connector: Connector
+    server_tls: Any
+    connections: Connections = field(default_factory=Connections)
+    version: str = __version__
+
+    @property
+    def imap_id(self) -> bytes:
+        return b'("name" "gateway" "version" "' + self.version.encode() + b'")'
+
+
+class StoreService(service.Service):
+    """Starts and stops the store's worker thread with the application."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.store.stop()
+
+
+def make_core(config: Config, reactor: Any) -> Core:
+    """Open the store, prepare TLS material and the outbound connector."""
+    from gateway.store import open_store
+    from gateway.store.base import AsyncStore
+
+    ensure_certificate(config.tls.cert, config.tls.key)
+    store = AsyncStore(open_store(config), reactor)
+    tokens = TokenSource(store, reactor, margin=config.upstream.refresh_margin,
+                         timeout=config.upstream.connect_timeout)
+    return Core(config=config, reactor=reactor, store=store, tokens=tokens,
+                connector=Connector(reactor, config),
+                server_tls=server_options(config.tls.cert, config.tls.key))
+
+
+def make_service(config: Config, reactor: Any) -> service.MultiService:
+    """All listeners of the gateway under one MultiService."""
+    from gateway.api.app import make_site
+
+    core = make_core(config, reactor)
+    top = service.MultiService()
+    StoreService(core.store).setServiceParent(top)
+    cert, key = config.tls.cert, config.tls.key
+    for description in config.imap.listen:
+        tls = description.startswith(TLS_PREFIXES)
+        strports.service(listener_description(description, cert, key),
+                         IMAPGatewayFactory(core, tls=tls)).setServiceParent(top)
+    for description in config.imap.starttls_listen:
+        strports.service(description, IMAPGatewayFactory(core, tls=False)).setServiceParent(top)
+    strports.service(config.api.listen, make_site(core.store, core.connections)).setServiceParent(top)
+    top.core = core  # type: ignore[attr-defined]
+    return top

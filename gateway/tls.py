@@ -1,0 +1,116 @@
+"""TLS material: the listeners' certificate (generated when absent) and upstream trust."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLTrustRoot
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger()
+
+
+def ensure_certificate(cert_path: str, key_path: str, hostname: str | None = None) -> bool:
+    """Write a self-signed certificate and key when either file is missing.
+
+    Returns True when new files were generated. The key is written 0600.
+    """
+    cert_file, key_file = Path(cert_path), Path(key_path)
+    if cert_file.exists() and key_file.exists():
+        return False
+    hostname = hostname or socket.gethostname() or "localhost"
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    log.info("Generated a self-signed certificate for {hostname} in {cert}", hostname=hostname, cert=cert_path)
+    return True
+
+
+def server_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
+    """TLS options for listeners and STARTTLS, from the PEM files."""
+    pem = Path(cert_path).read_bytes() + b"\n" + Path(key_path).read_bytes()
+    cert = ssl.PrivateCertificate.loadPEM(pem)
+    chain = [
+        ssl.Certificate.loadPEM(block).original
+        for block in _pem_blocks(Path(cert_path).read_bytes())[1:]
+    ]
+    return ssl.CertificateOptions(
+        privateKey=cert.privateKey.original,
+        certificate=cert.original,
+        extraCertChain=chain or None,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
+
+
+@implementer(IOpenSSLTrustRoot)
+class SystemPlusFile:
+    """The platform's trust store plus the CAs of one extra PEM file."""
+
+    def __init__(self, ca_file: str | None) -> None:
+        self.ca_file = ca_file
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        if self.ca_file:
+            context.load_verify_locations(self.ca_file)
+
+
+def client_options(hostname: str, ca_file: str | None) -> IOpenSSLClientConnectionCreator:
+    """Client TLS options that verify ``hostname`` (a name or an IP address)."""
+    return ssl.optionsForClientTLS(hostname, trustRoot=SystemPlusFile(ca_file))
+
+
+TLS_PREFIXES = ("ssl:", "haproxy:ssl:")
+
+
+def listener_description(description: str, cert_path: str, key_path: str) -> str:
+    """Add the gateway's certificate to an ``ssl:`` endpoint string that names none."""
+    if not description.startswith(TLS_PREFIXES) or "privateKey=" in description:
+        return description
+
+    def quote(path: str) -> str:
+        return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+    return f"{description}:privateKey={quote(key_path)}:certKey={quote(cert_path)}"
