@@ -1,0 +1,257 @@
+"""End-to-end IMAP logins through the gateway to a real Dovecot, judged by Dovecot and the provider."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import threading
+import time
+
+import pytest
+
+from .gateway_proc import Gateway, wait_for
+
+INVALID = b"NO [AUTHENTICATIONFAILED] Invalid credentials"
+DENIED = b"NO [AUTHENTICATIONFAILED] Access denied, traffic not accepted from this IP"
+
+
+def message(subject: str, body: bytes = b"Hello there.\r\n") -> bytes:
+    return (b"From: a@example.com\r\nTo: b@example.com\r\nSubject: " + subject.encode()
+            + b"\r\nMessage-ID: <" + subject.encode() + b"@example.com>\r\n\r\n" + body)
+
+
+def raw_login(gw: Gateway, user: str, password: str, source: str | None = None) -> bytes:
+    """LOGIN over a raw TLS socket; returns the tagged response line."""
+    sock = gw.raw(source=source)
+    try:
+        sock.sendall(b'a1 LOGIN "' + user.encode() + b'" "' + password.encode() + b'"\r\n')
+        return read_until(sock, b"a1 ")
+    finally:
+        sock.close()
+
+
+def read_until(sock, marker: bytes, limit: int = 1 << 20) -> bytes:
+    """Read until a line starting with ``marker`` has arrived completely; returns everything read."""
+    data = b""
+    while len(data) < limit:
+        lines = data.split(b"\r\n")
+        if any(line.startswith(marker) for line in lines[:-1]):
+            return data
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def account(gateway: Gateway, new_email) -> tuple[str, str]:
+    """A fresh OAuth2 account (ID, email) with one message in INBOX upstream."""
+    email = new_email("acct")
+    account_id = email.split("@")[0]
+    gateway.add_oauth_account(account_id, email)
+    gateway.dovecot.append(email, "INBOX", message(f"hello-{account_id}"))
+    return account_id, email
+
+
+def test_imaplib_login_fetches_upstream_bytes_exactly(gateway, account):
+    """LOGIN with account ID + token gives the real mailbox; FETCH bytes equal what Dovecot stores."""
+    account_id, email = account
+    token = gateway.token(account_id)
+    conn = gateway.imap()
+    typ, data = conn.login(account_id, token)
+    assert typ == "OK"
+    assert data[0].endswith(f"{account_id} authenticated".encode())
+    caps = conn.capabilities
+    assert "IDLE" in caps and not any(c.startswith("AUTH=") for c in caps), caps
+    conn.select("INBOX", readonly=True)
+    typ, data = conn.fetch("1", "(BODY.PEEK[])")
+    assert data[0][1] == gateway.dovecot.fetch_all(email)[0]
+    conn.logout()
+
+
+def test_authenticate_plain_without_and_with_sasl_ir(gateway, account):
+    """AUTHENTICATE PLAIN works both as a continuation (imaplib) and with SASL-IR (raw)."""
+    account_id, _ = account
+    token = gateway.token(account_id)
+    conn = gateway.imap()
+    typ, _ = conn.authenticate("PLAIN", lambda _: f"\0{account_id}\0{token}".encode())
+    assert typ == "OK"
+    assert conn.select("INBOX")[0] == "OK"
+    conn.logout()
+    sock = gateway.raw()
+    ir = base64.b64encode(f"\0{account_id}\0{token}".encode())
+    sock.sendall(b"p1 AUTHENTICATE PLAIN " + ir + b"\r\n")
+    assert b"p1 OK [CAPABILITY " in read_until(sock, b"p1 ")
+    sock.close()
+
+
+def test_login_with_literals(gateway, account):
+    """LOGIN with a synchronizing {n} literal and a non-synchronizing {n+} literal."""
+    account_id, _ = account
+    token = gateway.token(account_id).encode()
+    sock = gateway.raw()
+    sock.sendall(b"L1 LOGIN {%d}\r\n" % len(account_id))
+    assert read_until(sock, b"+").startswith(b"+")
+    sock.sendall(account_id.encode() + b" {%d+}\r\n" % len(token) + token + b"\r\n")
+    assert b"L1 OK [CAPABILITY " in read_until(sock, b"L1 ")
+    sock.close()
+
+
+def test_imapclient_lists_and_fetches(gateway, account):
+    """imapclient logs in through the gateway and sees the upstream folders and message."""
+    imapclient = pytest.importorskip("imapclient")
+    account_id, email = account
+    client = imapclient.IMAPClient("127.0.0.1", port=gateway.imaps_port, ssl=True,
+                                   ssl_context=gateway.client_context(), timeout=30)
+    client.login(account_id, gateway.token(account_id))
+    assert any(name == "INBOX" for _flags, _delim, name in client.list_folders())
+    client.select_folder("INBOX", readonly=True)
+    uids = client.search("ALL")
+    body = client.fetch(uids, ["BODY.PEEK[]"])[uids[0]][b"BODY[]"]
+    assert body == gateway.dovecot.fetch_all(email)[0]
+    client.logout()
+
+
+@pytest.mark.parametrize("case", ["wrong-token", "revoked", "wrong-scope", "unknown-account",
+                                  "other-account"])
+def test_bad_credentials_are_refused_with_the_design_text(gateway, account, case):
+    """Every kind of bad credential gets exactly `NO [AUTHENTICATIONFAILED] Invalid credentials`."""
+    account_id, _ = account
+    user = account_id
+    if case == "wrong-token":
+        password = "0" * 64
+    elif case == "revoked":
+        password = gateway.token(account_id)
+        status, body = gateway.api("DELETE", f"/v1/token/{password}")
+        assert status == 200 and body == {"deleted": True}
+    elif case == "wrong-scope":
+        password = gateway.token(account_id, scopes=["smtp"])
+    elif case == "unknown-account":
+        password = gateway.token(account_id)
+        user = "no-such-account"
+    else:
+        other = account_id + "-other"
+        gateway.add_oauth_account(other, "other-" + account[1])
+        password = gateway.token(other)
+    line = raw_login(gateway, user, password)
+    assert line.rstrip().endswith(b"a1 " + INVALID), line
+
+
+def test_cidr_restriction(gateway, account):
+    """A token limited to 127.0.0.2/32 works from 127.0.0.2 and is denied from 127.0.0.3."""
+    account_id, _ = account
+    token = gateway.token(account_id, cidrs=["127.0.0.2/32"])
+    assert raw_login(gateway, account_id, token, source="127.0.0.3").rstrip().endswith(b"a1 " + DENIED)
+    assert b"a1 OK [CAPABILITY " in raw_login(gateway, account_id, token, source="127.0.0.2")
+
+
+def test_upstream_down_gives_unavailable(gateway, new_email):
+    """An account whose IMAP server refuses connections gets NO [UNAVAILABLE] with a reason."""
+    from .dovecot import free_port
+
+    email = new_email("down")
+    account_id = email.split("@")[0]
+    gateway.add_oauth_account(account_id, email,
+                              imap={"host": "127.0.0.1", "port": free_port(), "secure": True})
+    line = raw_login(gateway, account_id, gateway.token(account_id))
+    assert b"a1 NO [UNAVAILABLE] cannot connect to 127.0.0.1:" in line, line
+    assert "result=unavailable" in gateway.log_text()
+
+
+def test_revoked_refresh_token_gives_unavailable(gateway, new_email, oauth2_provider):
+    """When the provider has revoked the refresh token, login says so instead of hanging."""
+    email = new_email("revoked")
+    account_id = email.split("@")[0]
+    refresh = gateway.add_oauth_account(account_id, email)
+    oauth2_provider.revoke_refresh(refresh)
+    line = raw_login(gateway, account_id, gateway.token(account_id))
+    assert b"a1 NO [UNAVAILABLE] OAuth2 token refresh failed: invalid_grant" in line, line
+
+
+def test_expiring_access_token_is_refreshed(gateway, new_email, oauth2_provider):
+    """An access token that expires between two logins is refreshed; both logins work."""
+    email = new_email("expiring")
+    account_id = email.split("@")[0]
+    refresh = gateway.add_oauth_account(account_id, email)
+    oauth2_provider.set_lifetime(refresh, 2.5)
+    token = gateway.token(account_id)
+    for _ in range(2):
+        conn = gateway.imap()
+        assert conn.login(account_id, token)[0] == "OK"
+        assert conn.select("INBOX")[0] == "OK"
+        conn.logout()
+        time.sleep(2.6)
+    assert oauth2_provider.refresh_count(refresh) == 2
+    # The stored access token is the provider's newest one, and Dovecot accepted it.
+    assert oauth2_provider.access_tokens_for(refresh)
+
+
+def test_one_refresh_in_flight_for_many_logins(gateway, new_email, oauth2_provider):
+    """Eight clients logging in at once while a slow refresh runs cause exactly one refresh."""
+    email = new_email("flight")
+    account_id = email.split("@")[0]
+    refresh = gateway.add_oauth_account(account_id, email)
+    token = gateway.token(account_id)
+    oauth2_provider.token_delay = 1.0
+    results: list[bytes] = []
+    try:
+        threads = [threading.Thread(target=lambda: results.append(raw_login(gateway, account_id, token)))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        oauth2_provider.token_delay = 0.0
+    assert len(results) == 8 and all(b"a1 OK [CAPABILITY " in r for r in results), results
+    assert oauth2_provider.refresh_count(refresh) == 1
+
+
+def test_login_log_line_has_no_secret(gateway, account):
+    """The login log line names account and client, never the token or the access token."""
+    account_id, _ = account
+    token = gateway.token(account_id)
+    assert b"a1 OK" in raw_login(gateway, account_id, token)
+    assert wait_for(lambda: f"account={account_id} client=127.0.0.1" in gateway.log_text())
+    text = gateway.log_text()
+    assert token not in text
+    for access in gateway.provider.access_tokens_for_email(account[1]):
+        assert access not in text
+
+
+def test_password_account_uses_login_upstream(gateway, new_email):
+    """A non-OAuth account logs in upstream with its stored password (LOGIN)."""
+    email = new_email("pw")
+    account_id = email.split("@")[0]
+    gateway.dovecot.add_password_user(email, "s3cret pass")
+    status, body = gateway.api("POST", "/v1/account", {
+        "account": account_id, "email": email,
+        "imap": {"host": "localhost", "port": gateway.dovecot.imaps_port, "secure": True,
+                 "auth": {"user": email, "pass": "s3cret pass"}}})
+    assert status == 200, body
+    conn = gateway.imap()
+    assert conn.login(account_id, gateway.token(account_id))[0] == "OK"
+    assert conn.select("INBOX")[0] == "OK"
+    conn.logout()
+
+
+def test_starttls_upstream(gateway, new_email):
+    """An account whose server is configured for STARTTLS (secure: false) is reached over STARTTLS."""
+    email = new_email("stls")
+    account_id = email.split("@")[0]
+    gateway.add_oauth_account(account_id, email,
+                              imap={"host": "localhost", "port": gateway.dovecot.imap_port, "secure": False})
+    conn = gateway.imap()
+    assert conn.login(account_id, gateway.token(account_id))[0] == "OK"
+    assert conn.select("INBOX")[0] == "OK"
+    conn.logout()
+
+
+def test_id_before_login_is_answered_by_the_gateway(gateway):
+    """Apple Mail's pre-auth ID gets the gateway's own ID answer."""
+    sock = gateway.raw()
+    sock.sendall(b'i1 ID ("name" "Mail" "version" "16.0")\r\n')
+    data = read_until(sock, b"i1 ")
+    assert b'* ID ("name" "gateway"' in data and b"i1 OK" in data
+    sock.close()
