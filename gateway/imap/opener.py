@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -85,7 +86,7 @@ async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Cr
     starttls = None if target.secure else core.connector.tls_options(target.host)
     try:
         caps = await login(proto, creds, starttls_options=starttls, gateway_id=core.imap_id)
-    except UpstreamError:
+    except (UpstreamError, defer.CancelledError):
         proto.transport.abortConnection()
         raise
     except Exception as e:  # TLS verification errors arrive as connection loss or SSL errors

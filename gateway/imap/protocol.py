@@ -125,8 +125,11 @@ class IMAPGateway(Protocol):
         if account is None:
             self._fail(action.tag, preauth.INVALID_CREDENTIALS, action.username, client, "-", "unknown-account")
             return
+        opening = defer.Deferred.fromCoroutine(open_imap(self.core, account))
+        opening.addTimeout(self.core.config.imap.login_timeout, self.core.reactor,
+                           onTimeoutCancel=_login_timed_out)
         try:
-            opened = await open_imap(self.core, account)
+            opened = await opening
         except UpstreamError as e:
             self._fail(action.tag, preauth.unavailable(str(e)), action.username, client, "-",
                        "unavailable", reason=str(e))
@@ -185,6 +188,12 @@ class IMAPGateway(Protocol):
     def _upstream_closed(self) -> None:
         if not self._gone:
             self.transport.loseConnection()
+
+
+def _login_timed_out(result: Any, timeout: float) -> Any:
+    if isinstance(result, Failure) and result.check(defer.CancelledError):
+        raise UpstreamError(f"upstream login timed out after {timeout:.0f} s")
+    return result
 
 
 class IMAPGatewayFactory(Factory):

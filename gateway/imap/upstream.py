@@ -105,8 +105,12 @@ class UpstreamIMAP(Protocol):
             return defer.succeed(self._responses.popleft())
         if self._closed is not None:
             return defer.fail(UpstreamError(closed_reason(self._closed)))
-        self._waiter = defer.Deferred()
+        self._waiter = defer.Deferred(self._forget_waiter)
         return self._waiter
+
+    def _forget_waiter(self, waiter: defer.Deferred[bytes]) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
 
     def next_tag(self) -> bytes:
         self._tag += 1
