@@ -91,7 +91,7 @@ class IMAPGateway(Protocol):
     def _bound_pending(self) -> None:
         """While the upstream login runs, stop reading once the held bytes reach the limit."""
         if self.machine.state is preauth.State.LOGGING_IN and not self._paused and \
-                self.machine.pending_size >= self.core.config.imap.max_pending:
+                self.machine.buffered >= self.core.config.imap.max_pending:
             self._paused = True
             self.transport.pauseProducing()
 

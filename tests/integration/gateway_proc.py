@@ -23,6 +23,8 @@ from .oauth2_provider import OAuth2Provider
 CLIENT_ID = "gateway-test-client"
 CLIENT_SECRET = "gateway-test-secret"
 
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
 
 class Gateway:
     """A gateway process with its own work directory, config and admin token."""
@@ -63,7 +65,7 @@ class Gateway:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "-n", "--pidfile=", f"--logfile={self.log_path}",
+            TWISTD + ["-n", "--pidfile=", f"--logfile={self.log_path}",
              "gateway", "--config", str(self.config_path)],
             cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"))
         deadline = time.monotonic() + timeout

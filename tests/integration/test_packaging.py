@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
 
 def test_twistd_lists_the_gateway_plugin_from_another_directory(tmp_path):
     """`twistd --help` run outside the checkout lists `gateway` (the editable-install trap)."""
-    out = subprocess.run([sys.executable, "-m", "twisted", "--help"], capture_output=True, text=True,
+    out = subprocess.run(TWISTD + ["--help"], capture_output=True, text=True,
                          cwd=tmp_path, timeout=60)
     assert "gateway" in out.stdout
 
@@ -17,7 +19,7 @@ def test_bad_config_stops_with_one_clear_line(tmp_path):
     """An unknown key stops start-up with one line naming it, and no traceback."""
     config = tmp_path / "bad.yaml"
     config.write_text("imap:\n  lisen: ['ssl:2993']\n")
-    out = subprocess.run([sys.executable, "-m", "twisted", "-n", "--pidfile=", "gateway", "--config",
+    out = subprocess.run(TWISTD + ["-n", "--pidfile=", "gateway", "--config",
                           str(config)], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == ["gateway: unknown config key imap.lisen"]
