@@ -1,0 +1,263 @@
+"""Admin API handlers: OAuth2 apps, accounts, access tokens, connections, metrics, health.
+
+Each handler is `async (Call) -> Reply` and knows nothing about Twisted's
+request object; `gateway.api.app` routes, authenticates and renders.
+
+Who may do what: a token with scope `api` and no account is an admin token
+and may use every path. A token with scope `api` bound to an account may only
+read and change that account and its tokens (403 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import prometheus_client
+
+from gateway.store.base import AsyncStore, NotFound, ValidationError
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a short error name and a message safe to show."""
+
+    def __init__(self, status: int, error: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class Reply:
+    """What a handler answers: JSON-able body, or bytes with a content type."""
+
+    body: Any
+    status: int = 200
+    content_type: str = "application/json; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    """One authenticated API call as handlers see it."""
+
+    params: dict[str, str]
+    body: bytes
+    principal: dict[str, Any] | None
+    peer_ip: str | None = None
+
+    def json(self) -> dict[str, Any]:
+        """The body parsed as a JSON object, or ApiError 400."""
+        if not self.body.strip():
+            raise ApiError(400, "BadRequest", "request body must be a JSON object")
+        try:
+            value = json.loads(self.body.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ApiError(400, "BadRequest", "request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "BadRequest", "request body must be a JSON object")
+        return value
+
+    @property
+    def bound_account(self) -> str | None:
+        """The account an account-bound api token is limited to (None for admin tokens)."""
+        return (self.principal or {}).get("account")
+
+    def require_admin(self) -> None:
+        """403 unless the caller holds an admin (account-less) api token."""
+        if self.bound_account is not None:
+            raise ApiError(403, "Forbidden", "this token is limited to one account")
+
+    def require_account(self, account: str) -> None:
+        """403 unless the caller may act on this account."""
+        if self.bound_account is not None and self.bound_account != account:
+            raise ApiError(403, "Forbidden", "this token is limited to another account")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+Handler = Callable[[Call], Awaitable[Reply]]
+
+
+class Handlers:
+    """The admin API's operations on one store (and optionally a live-connection registry)."""
+
+    def __init__(self, store: AsyncStore, connections: Any = None) -> None:
+        self.store = store
+        self.connections = connections
+
+    # OAuth2 apps -----------------------------------------------------------
+
+    async def create_app(self, call: Call) -> Reply:
+        """POST /v1/oauth2 -> {id}"""
+        call.require_admin()
+        app = await self.store.create_app(call.json())
+        return Reply({"id": app["id"]})
+
+    async def list_apps(self, call: Call) -> Reply:
+        """GET /v1/oauth2 -> {apps, total}"""
+        call.require_admin()
+        apps = await self.store.list_apps()
+        return Reply({"apps": apps, "total": len(apps)})
+
+    async def get_app(self, call: Call) -> Reply:
+        """GET /v1/oauth2/{id} -> the app without its client secret"""
+        call.require_admin()
+        app = await self.store.get_app(call.params["id"])
+        if app is None:
+            raise NotFound(f"OAuth2 app {call.params['id']} not found")
+        return Reply(app)
+
+    async def delete_app(self, call: Call) -> Reply:
+        """DELETE /v1/oauth2/{id} -> {id, deleted: true}"""
+        call.require_admin()
+        if not await self.store.delete_app(call.params["id"]):
+            raise NotFound(f"OAuth2 app {call.params['id']} not found")
+        return Reply({"id": call.params["id"], "deleted": True})
+
+    # Accounts --------------------------------------------------------------
+
+    async def create_account(self, call: Call) -> Reply:
+        """POST /v1/account -> {account, state: "new"}"""
+        call.require_admin()
+        account = await self.store.create_account(call.json())
+        return Reply({"account": account["account"], "state": "new"})
+
+    async def get_account(self, call: Call) -> Reply:
+        """GET /v1/account/{id} -> the account without secrets"""
+        account_id = call.params["id"]
+        call.require_account(account_id)
+        account = await self.store.get_account(account_id)
+        if account is None:
+            raise NotFound(f"account {account_id} not found")
+        return Reply(account)
+
+    async def update_account(self, call: Call) -> Reply:
+        """PUT /v1/account/{id} (merge; null removes a field) -> {account}"""
+        account_id = call.params["id"]
+        call.require_account(account_id)
+        updated = await self.store.update_account(account_id, call.json())
+        return Reply({"account": updated["account"]})
+
+    async def delete_account(self, call: Call) -> Reply:
+        """DELETE /v1/account/{id} -> {account, deleted: true} (its tokens go too)"""
+        account_id = call.params["id"]
+        call.require_account(account_id)
+        if not await self.store.delete_account(account_id):
+            raise NotFound(f"account {account_id} not found")
+        return Reply({"account": account_id, "deleted": True})
+
+    async def list_accounts(self, call: Call) -> Reply:
+        """GET /v1/accounts -> {accounts, total}"""
+        call.require_admin()
+        accounts = await self.store.list_accounts()
+        return Reply({"accounts": accounts, "total": len(accounts)})
+
+    # Access tokens ---------------------------------------------------------
+
+    async def create_token(self, call: Call) -> Reply:
+        """POST /v1/token {account, scopes, description, restrictions?} -> {token}"""
+        body = call.json()
+        for key in body:
+            if key not in ("account", "scopes", "description", "restrictions"):
+                raise ValidationError(f"unknown field {key}")
+        account = body.get("account")
+        if account is not None and not isinstance(account, str):
+            raise ValidationError("account must be a string")
+        if account is None:
+            call.require_admin()
+        else:
+            call.require_account(account)
+        scopes = body.get("scopes")
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise ValidationError("scopes must be a list of strings")
+        description = body.get("description")
+        if not isinstance(description, str):
+            raise ValidationError("description must be a string")
+        addresses = None
+        restrictions = body.get("restrictions")
+        if restrictions is not None:
+            if not isinstance(restrictions, dict):
+                raise ValidationError("restrictions must be an object")
+            for key in restrictions:
+                if key != "addresses":
+                    raise ValidationError(f"unknown field restrictions.{key}")
+            addresses = restrictions.get("addresses")
+        secret, _record = await self.store.create_token(account, scopes, description, addresses)
+        return Reply({"token": secret}, headers={"Cache-Control": "no-store"})
+
+    async def list_account_tokens(self, call: Call) -> Reply:
+        """GET /v1/tokens/account/{id} -> {tokens: [{id, description, scopes, created, restrictions}]}"""
+        account_id = call.params["id"]
+        call.require_account(account_id)
+        if await self.store.get_account(account_id) is None:
+            raise NotFound(f"account {account_id} not found")
+        return Reply({"tokens": await self.store.list_tokens(account_id)})
+
+    async def list_tokens(self, call: Call) -> Reply:
+        """GET /v1/tokens -> every token, admin only"""
+        call.require_admin()
+        return Reply({"tokens": await self.store.list_tokens()})
+
+    async def revoke_token(self, call: Call) -> Reply:
+        """DELETE /v1/token/{token or id} -> {deleted: true}"""
+        token_or_id = call.params["token"]
+        record = await self.store.get_token(token_or_id)
+        if record is None:
+            raise NotFound("token not found")
+        if call.bound_account is not None and record.get("account") != call.bound_account:
+            raise NotFound("token not found")
+        if not await self.store.revoke_token(token_or_id):
+            raise NotFound("token not found")
+        return Reply({"deleted": True})
+
+    # Operations ------------------------------------------------------------
+
+    async def list_connections(self, call: Call) -> Reply:
+        """GET /v1/connections -> {connections: [...]}; an account-bound token sees its own only"""
+        sessions = list(self.connections.snapshot()) if self.connections is not None else []
+        if call.bound_account is not None:
+            sessions = [s for s in sessions if s.get("account") == call.bound_account]
+        return Reply({"connections": sessions})
+
+    async def metrics(self, call: Call) -> Reply:
+        """GET /metrics -> Prometheus text.
+
+        Requires an admin api token like every other operational path: the
+        counters name accounts. Point Prometheus at it with `authorization:
+        {credentials: <token>}` in the scrape config.
+        """
+        call.require_admin()
+        return Reply(prometheus_client.generate_latest(),
+                     content_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    async def health(self, call: Call) -> Reply:
+        """GET /health -> {status: ok}, no authentication"""
+        return Reply({"status": "ok"})
+
+    def routes(self) -> list[tuple[str, str, Handler, bool]]:
+        """(method, path pattern, handler, needs auth) for the router."""
+        return [
+            ("POST", "/v1/oauth2", self.create_app, True),
+            ("GET", "/v1/oauth2", self.list_apps, True),
+            ("GET", "/v1/oauth2/{id}", self.get_app, True),
+            ("DELETE", "/v1/oauth2/{id}", self.delete_app, True),
+            ("POST", "/v1/account", self.create_account, True),
+            ("GET", "/v1/account/{id}", self.get_account, True),
+            ("PUT", "/v1/account/{id}", self.update_account, True),
+            ("DELETE", "/v1/account/{id}", self.delete_account, True),
+            ("GET", "/v1/accounts", self.list_accounts, True),
+            ("POST", "/v1/token", self.create_token, True),
+            ("GET", "/v1/tokens", self.list_tokens, True),
+            ("GET", "/v1/tokens/account/{id}", self.list_account_tokens, True),
+            ("DELETE", "/v1/token/{token}", self.revoke_token, True),
+            ("GET", "/v1/connections", self.list_connections, True),
+            ("GET", "/metrics", self.metrics, True),
+            ("GET", "/health", self.health, False),
+        ]

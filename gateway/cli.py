@@ -1,0 +1,246 @@
+"""The `gateway` command: manage tokens, accounts and OAuth2 apps in the server's store.
+
+Secrets (passwords, refresh tokens, client secrets) are read from stdin,
+never from argv, which other users can see in `ps`. When several `--*-stdin`
+flags are given, stdin supplies one line per flag in the order they are listed
+in `--help`. Output is the bare value for `create`/`add`, JSON lines for
+lists and indented JSON for `show`. Exit codes: 0 ok, 1 not found or invalid,
+2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sqlite3
+import sys
+from typing import Any, Callable, TextIO
+
+from gateway.auth.tokens import SCOPES
+from gateway.store.base import Conflict, NotFound, Store, StoreError
+
+PROVIDERS = ("gmail", "outlook", "generic")
+
+
+class CliError(Exception):
+    """A failure shown as one line on stderr with exit code 1."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Manage the IMAP/SMTP gateway's store.")
+    parser.add_argument("--config", metavar="FILE", help="gateway.yaml (default: built-in defaults)")
+    top = parser.add_subparsers(dest="group", metavar="{token,account,app}", required=True)
+
+    token = top.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
+    create = token.add_parser("create", help="issue a token; prints it alone on stdout")
+    create.add_argument("--account", help="account ID (omit with --scope api for an admin token)")
+    create.add_argument("--scope", action="append", required=True, choices=SCOPES, dest="scopes")
+    create.add_argument("--cidr", action="append", default=[], dest="cidrs",
+                        help="allow only clients from this network (repeatable)")
+    create.add_argument("--description", required=True)
+    listing = token.add_parser("list", help="list tokens as JSON lines (no secrets)")
+    listing.add_argument("--account")
+    revoke = token.add_parser("revoke", help="revoke a token by its secret or its id")
+    revoke.add_argument("token", metavar="TOKEN_OR_ID")
+
+    account = top.add_parser("account", help="accounts").add_subparsers(dest="action", required=True)
+    add = account.add_parser("add", help="add an account; prints its ID")
+    add.add_argument("--account", required=True)
+    add.add_argument("--email", required=True)
+    add.add_argument("--name")
+    add.add_argument("--proxy", help="per-account proxy URL, e.g. socks5://host:1080")
+    add.add_argument("--local-address", help="source IP for this account's upstream connections")
+    _server_args(add, "imap", with_auth=True)
+    _server_args(add, "smtp", with_auth=True)
+    add.add_argument("--oauth2-app", metavar="APPID")
+    add.add_argument("--oauth2-user", metavar="USER", help="login name at the provider (default: email)")
+    add.add_argument("--refresh-token-stdin", action="store_true")
+    account.add_parser("list", help="list accounts as JSON lines (no secrets)")
+    show = account.add_parser("show", help="one account as JSON (no secrets)")
+    show.add_argument("account", metavar="ID")
+    delete = account.add_parser("delete", help="delete an account and its tokens")
+    delete.add_argument("account", metavar="ID")
+
+    app = top.add_parser("app", help="OAuth2 apps").add_subparsers(dest="action", required=True)
+    app_add = app.add_parser("add", help="register an OAuth2 app; prints its id")
+    app_add.add_argument("--name", required=True)
+    app_add.add_argument("--provider", required=True, choices=PROVIDERS)
+    app_add.add_argument("--client-id", required=True)
+    app_add.add_argument("--client-secret-stdin", action="store_true", required=True)
+    app_add.add_argument("--authorization-url")
+    app_add.add_argument("--token-url")
+    app_add.add_argument("--oauth-scope", action="append", dest="oauth_scopes",
+                         help="OAuth2 scope to request (repeatable; default: the provider's)")
+    app_add.add_argument("--authority", help="outlook: common, organizations, consumers or a tenant ID")
+    _server_args(app_add, "imap", with_auth=False)
+    _server_args(app_add, "smtp", with_auth=False)
+    app.add_parser("list", help="list apps as JSON lines (no secrets)")
+    app_delete = app.add_parser("delete", help="delete an app no account uses")
+    app_delete.add_argument("app", metavar="APPID")
+    return parser
+
+
+def _server_args(parser: argparse.ArgumentParser, kind: str, with_auth: bool) -> None:
+    parser.add_argument(f"--{kind}-host")
+    parser.add_argument(f"--{kind}-port", type=int)
+    parser.add_argument(f"--{kind}-secure", action=argparse.BooleanOptionalAction, default=None,
+                        help="implicit TLS (--no-... for plain/STARTTLS)")
+    if with_auth:
+        parser.add_argument(f"--{kind}-user")
+        parser.add_argument(f"--{kind}-pass-stdin", action="store_true")
+
+
+class _Secrets:
+    """Reads secrets from stdin, one line each; prompts without echo on a terminal."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self.stdin = stdin
+
+    def read(self, what: str) -> str:
+        if self.stdin.isatty():
+            value = getpass.getpass(f"{what}: ")
+        else:
+            line = self.stdin.readline()
+            if not line:
+                raise CliError(f"expected {what} on stdin, got end of input")
+            value = line.rstrip("\r\n")
+        if not value:
+            raise CliError(f"{what} is empty")
+        return value
+
+
+def _server(args: argparse.Namespace, kind: str, secrets: _Secrets | None) -> dict[str, Any] | None:
+    host = getattr(args, f"{kind}_host")
+    port = getattr(args, f"{kind}_port")
+    secure = getattr(args, f"{kind}_secure")
+    user = getattr(args, f"{kind}_user", None)
+    wants_pass = getattr(args, f"{kind}_pass_stdin", False)
+    if host is None:
+        if port is not None or secure is not None or user or wants_pass:
+            raise CliError(f"--{kind}-host is required with the other --{kind}-* options")
+        return None
+    server: dict[str, Any] = {"host": host}
+    if port is not None:
+        server["port"] = port
+    if secure is not None:
+        server["secure"] = secure
+    if user or wants_pass:
+        auth: dict[str, Any] = {"user": user}
+        if wants_pass and secrets is not None:
+            auth["pass"] = secrets.read(f"{kind.upper()} password")
+        server["auth"] = auth
+    return server
+
+
+def _print_lines(rows: list[dict[str, Any]], out: TextIO) -> None:
+    for row in rows:
+        out.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _token(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+    if args.action == "create":
+        secret, _record = store.create_token(args.account, args.scopes, args.description, args.cidrs or None)
+        out.write(secret + "\n")
+    elif args.action == "list":
+        if args.account is not None and store.get_account(args.account) is None:
+            raise NotFound(f"account {args.account} not found")
+        _print_lines(store.list_tokens(args.account), out)
+    elif args.action == "revoke":
+        if not store.revoke_token(args.token):
+            raise NotFound("token not found")
+        out.write("revoked\n")
+
+
+def _account(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+    if args.action == "add":
+        data: dict[str, Any] = {"account": args.account, "email": args.email, "name": args.name,
+                                "proxy": args.proxy, "localAddress": args.local_address}
+        data["imap"] = _server(args, "imap", secrets)
+        data["smtp"] = _server(args, "smtp", secrets)
+        if args.oauth2_app:
+            oauth: dict[str, Any] = {"provider": args.oauth2_app}
+            if args.oauth2_user:
+                oauth["auth"] = {"user": args.oauth2_user}
+            if args.refresh_token_stdin:
+                oauth["refreshToken"] = secrets.read("OAuth2 refresh token")
+            data["oauth2"] = oauth
+        elif args.oauth2_user or args.refresh_token_stdin:
+            raise CliError("--oauth2-user and --refresh-token-stdin need --oauth2-app")
+        created = store.create_account({k: v for k, v in data.items() if v is not None})
+        out.write(created["account"] + "\n")
+    elif args.action == "list":
+        _print_lines(store.list_accounts(), out)
+    elif args.action == "show":
+        account = store.get_account(args.account)
+        if account is None:
+            raise NotFound(f"account {args.account} not found")
+        out.write(json.dumps(account, indent=2, sort_keys=True) + "\n")
+    elif args.action == "delete":
+        if not store.delete_account(args.account):
+            raise NotFound(f"account {args.account} not found")
+        out.write(f"deleted {args.account}\n")
+
+
+def _app(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+    if args.action == "add":
+        data: dict[str, Any] = {"name": args.name, "provider": args.provider, "clientId": args.client_id,
+                                "authorizationUrl": args.authorization_url, "tokenUrl": args.token_url,
+                                "scopes": args.oauth_scopes, "authority": args.authority,
+                                "imap": _server(args, "imap", None), "smtp": _server(args, "smtp", None)}
+        data["clientSecret"] = secrets.read("OAuth2 client secret")
+        created = store.create_app({k: v for k, v in data.items() if v is not None})
+        out.write(created["id"] + "\n")
+    elif args.action == "list":
+        _print_lines(store.list_apps(), out)
+    elif args.action == "delete":
+        if not store.delete_app(args.app):
+            raise NotFound(f"OAuth2 app {args.app} not found")
+        out.write(f"deleted {args.app}\n")
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Store, TextIO, _Secrets], None]] = {
+    "token": _token, "account": _account, "app": _app,
+}
+
+
+def _open(config_path: str | None) -> Store:
+    """The sync store the configuration names; CliError with one line when it cannot be opened."""
+    from gateway.config import ConfigError, load_config
+    from gateway.store import open_store
+
+    try:
+        return open_store(load_config(config_path))
+    except (ConfigError, ValueError, OSError, sqlite3.Error) as exc:
+        raise CliError(_one_line(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one CLI command; returns the exit code (0 ok, 1 failed, 2 usage)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    try:
+        store = _open(args.config)
+    except CliError as exc:
+        sys.stderr.write(f"gateway: {_one_line(exc)}\n")
+        return 1
+    try:
+        _COMMANDS[args.group](args, store, sys.stdout, _Secrets(sys.stdin))
+    except (CliError, StoreError, ValueError) as exc:
+        prefix = "not found: " if isinstance(exc, NotFound) else "conflict: " if isinstance(exc, Conflict) else ""
+        sys.stderr.write(f"gateway: {prefix}{_one_line(exc)}\n")
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

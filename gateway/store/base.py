@@ -1,0 +1,194 @@
+"""Store contract: errors, the token record, the sync `Store` protocol and the async facade.
+
+Every backend (SQLite now, Redis later) implements `Store` with blocking
+methods. The data plane and the admin API use `AsyncStore`, which runs those
+calls one at a time in a dedicated single-thread pool and returns Deferreds;
+the CLI uses a sync store directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from gateway.auth.tokens import TokenCheck
+
+log = Logger()
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """Base class of errors the store reports to callers; the message is safe to show."""
+
+
+class ValidationError(StoreError, ValueError):
+    """Input rejected: the message names the bad field."""
+
+
+class NotFound(StoreError, LookupError):
+    """A referenced account, app or token does not exist."""
+
+
+class Conflict(StoreError):
+    """The record already exists, or is still in use."""
+
+
+def iso_utc(timestamp: float) -> str:
+    """Format a POSIX timestamp as ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.000Z."""
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """One stored access token. Only the SHA-256 of the secret is kept."""
+
+    id: str
+    hash: str
+    account: str | None
+    scopes: tuple[str, ...]
+    description: str
+    created: float
+    addresses: tuple[str, ...] = ()
+    revoked: bool = False
+
+    def public(self) -> dict[str, Any]:
+        """The view shown by the API and CLI: no hash, no secret."""
+        view: dict[str, Any] = {
+            "id": self.id,
+            "account": self.account,
+            "description": self.description,
+            "scopes": list(self.scopes),
+            "created": iso_utc(self.created),
+            "restrictions": {"addresses": list(self.addresses)} if self.addresses else None,
+        }
+        return view
+
+    def check_view(self) -> dict[str, Any]:
+        """The mapping `gateway.auth.tokens.check_token` reads."""
+        return {
+            "hash": self.hash,
+            "scopes": self.scopes,
+            "revoked": self.revoked,
+            "restrictions": {"addresses": list(self.addresses)},
+        }
+
+
+class Store(Protocol):
+    """The blocking store interface every backend implements."""
+
+    def create_app(self, data: dict[str, Any]) -> dict[str, Any]: ...
+    def get_app(self, app_id: str, with_secret: bool = False) -> dict[str, Any] | None: ...
+    def list_apps(self) -> list[dict[str, Any]]: ...
+    def delete_app(self, app_id: str) -> bool: ...
+    def create_account(self, data: dict[str, Any]) -> dict[str, Any]: ...
+    def update_account(self, account_id: str, data: dict[str, Any]) -> dict[str, Any]: ...
+    def get_account(self, account_id: str, with_secrets: bool = False) -> dict[str, Any] | None: ...
+    def list_accounts(self) -> list[dict[str, Any]]: ...
+    def delete_account(self, account_id: str) -> bool: ...
+    def set_oauth_tokens(self, account_id: str, access_token: str, expires: float,
+                         refresh_token: str | None = None) -> None: ...
+    def create_token(self, account: str | None, scopes: list[str], description: str,
+                     addresses: list[str] | None = None) -> tuple[str, dict[str, Any]]: ...
+    def verify_token(self, secret: str, scope: str, peer_ip: str | None,
+                     account: str | None = None) -> tuple[TokenCheck, dict[str, Any] | None]: ...
+    def get_token(self, token_or_id: str) -> dict[str, Any] | None: ...
+    def list_tokens(self, account: str | None = None) -> list[dict[str, Any]]: ...
+    def revoke_token(self, token_or_id: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+class AsyncStore:
+    """Deferred-returning facade over a sync `Store`, one worker thread, calls in order."""
+
+    def __init__(self, sync_store: Store, reactor: Any) -> None:
+        self.sync = sync_store
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="gateway-store")
+        self._started = False
+        self._trigger: Any = None
+
+    def start(self) -> None:
+        """Start the worker thread and stop it again when the reactor shuts down."""
+        if self._started:
+            return
+        self._pool.start()
+        self._started = True
+        self._trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+
+    def stop(self) -> None:
+        """Stop the worker thread (waits for the call in progress). Safe to call twice."""
+        if not self._started:
+            return
+        self._started = False
+        if self._trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(self._trigger)
+            except (ValueError, KeyError):
+                pass  # already fired: we are being called from that trigger
+            self._trigger = None
+        self._pool.stop()
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred[T]:
+        if not self._started:
+            self.start()
+        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+
+    # OAuth2 apps
+    def create_app(self, data: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+        return self._call(self.sync.create_app, data)
+
+    def get_app(self, app_id: str, with_secret: bool = False) -> defer.Deferred[dict[str, Any] | None]:
+        return self._call(self.sync.get_app, app_id, with_secret=with_secret)
+
+    def list_apps(self) -> defer.Deferred[list[dict[str, Any]]]:
+        return self._call(self.sync.list_apps)
+
+    def delete_app(self, app_id: str) -> defer.Deferred[bool]:
+        return self._call(self.sync.delete_app, app_id)
+
+    # Accounts
+    def create_account(self, data: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+        return self._call(self.sync.create_account, data)
+
+    def update_account(self, account_id: str, data: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+        return self._call(self.sync.update_account, account_id, data)
+
+    def get_account(self, account_id: str,
+                    with_secrets: bool = False) -> defer.Deferred[dict[str, Any] | None]:
+        return self._call(self.sync.get_account, account_id, with_secrets=with_secrets)
+
+    def list_accounts(self) -> defer.Deferred[list[dict[str, Any]]]:
+        return self._call(self.sync.list_accounts)
+
+    def delete_account(self, account_id: str) -> defer.Deferred[bool]:
+        return self._call(self.sync.delete_account, account_id)
+
+    def set_oauth_tokens(self, account_id: str, access_token: str, expires: float,
+                         refresh_token: str | None = None) -> defer.Deferred[None]:
+        return self._call(self.sync.set_oauth_tokens, account_id, access_token, expires, refresh_token)
+
+    # Access tokens
+    def create_token(self, account: str | None, scopes: list[str], description: str,
+                     addresses: list[str] | None = None) -> defer.Deferred[tuple[str, dict[str, Any]]]:
+        return self._call(self.sync.create_token, account, scopes, description, addresses)
+
+    def verify_token(self, secret: str, scope: str, peer_ip: str | None,
+                     account: str | None = None
+                     ) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None]]:
+        return self._call(self.sync.verify_token, secret, scope, peer_ip, account)
+
+    def get_token(self, token_or_id: str) -> defer.Deferred[dict[str, Any] | None]:
+        return self._call(self.sync.get_token, token_or_id)
+
+    def list_tokens(self, account: str | None = None) -> defer.Deferred[list[dict[str, Any]]]:
+        return self._call(self.sync.list_tokens, account)
+
+    def revoke_token(self, token_or_id: str) -> defer.Deferred[bool]:
+        return self._call(self.sync.revoke_token, token_or_id)

@@ -1,0 +1,337 @@
+"""SQLite store: OAuth2 apps, accounts (secrets encrypted) and access tokens (hashes only).
+
+Blocking; the server reaches it through `AsyncStore`'s single worker thread,
+the CLI calls it directly. WAL mode and a busy timeout let both share one
+database file at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from gateway.auth.secrets import SecretBox
+from gateway.auth.tokens import (
+    SCOPES,
+    TokenCheck,
+    check_token,
+    hash_token,
+    looks_like_token,
+    new_token,
+    validate_cidrs,
+    validate_scopes,
+)
+from gateway.store.base import Conflict, NotFound, TokenRecord, ValidationError, iso_utc
+from gateway.store.validation import (
+    APP_SECRET_FIELD,
+    account_public,
+    app_public,
+    map_secrets,
+    mask_proxy,
+    merge,
+    normalize_account,
+    normalize_app,
+    validate_account_id,
+    with_app_defaults,
+)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    secret TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    account TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    account TEXT,
+    scopes TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created REAL NOT NULL,
+    addresses TEXT NOT NULL DEFAULT '[]',
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS tokens_account ON tokens (account);
+"""
+
+
+class SQLiteStore:
+    """The `gateway.store.base.Store` contract on one SQLite file."""
+
+    def __init__(self, path: str, box: SecretBox, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._box = box
+        self._clock = clock
+        self._lock = threading.RLock()
+        if path != ":memory:":
+            db_path = Path(path)
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            if not db_path.exists():
+                os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        if path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self._tx() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken immediately so concurrent writers queue up."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    # OAuth2 apps -----------------------------------------------------------
+
+    def create_app(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Register an OAuth2 app; returns its public view with the new `id`."""
+        app = normalize_app(data)
+        secret = app.pop(APP_SECRET_FIELD, None)
+        app_id = secrets.token_hex(6)
+        created = self._clock()
+        with self._tx() as db:
+            db.execute("INSERT INTO apps (id, data, secret, created) VALUES (?, ?, ?, ?)",
+                       (app_id, json.dumps(app), self._box.encrypt(secret), created))
+        return self._app_view(app_id, app, created)
+
+    def _app_view(self, app_id: str, app: dict[str, Any], created: float) -> dict[str, Any]:
+        return {"id": app_id, **app_public(app), "created": iso_utc(created)}
+
+    def get_app(self, app_id: str, with_secret: bool = False) -> dict[str, Any] | None:
+        """One app's public view, or with its decrypted `clientSecret` when asked."""
+        rows = self._query("SELECT * FROM apps WHERE id = ?", (app_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        view = self._app_view(row["id"], json.loads(row["data"]), row["created"])
+        if with_secret:
+            view[APP_SECRET_FIELD] = self._box.decrypt(row["secret"])
+        return view
+
+    def list_apps(self) -> list[dict[str, Any]]:
+        """Every app's public view, oldest first."""
+        rows = self._query("SELECT * FROM apps ORDER BY created, id")
+        return [self._app_view(r["id"], json.loads(r["data"]), r["created"]) for r in rows]
+
+    def delete_app(self, app_id: str) -> bool:
+        """Delete an app; Conflict while accounts still use it; False when absent."""
+        with self._tx() as db:
+            users = [r["account"] for r in db.execute("SELECT account, data FROM accounts")
+                     if (json.loads(r["data"]).get("oauth2") or {}).get("provider") == app_id]
+            if users:
+                raise Conflict(f"OAuth2 app {app_id} is used by accounts: " + ", ".join(sorted(users)[:10]))
+            return db.execute("DELETE FROM apps WHERE id = ?", (app_id,)).rowcount > 0
+
+    def _app_exists(self, app_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT id FROM apps WHERE id = ?", (app_id,))
+        return {"id": app_id} if rows else None
+
+    # Accounts --------------------------------------------------------------
+
+    def _encrypt_account(self, account: dict[str, Any]) -> str:
+        return json.dumps(map_secrets(account, self._box.encrypt))
+
+    def create_account(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Add an account; Conflict when the ID is taken. Returns the public view."""
+        account = normalize_account(data, self._app_exists)
+        now = self._clock()
+        with self._tx() as db:
+            try:
+                db.execute("INSERT INTO accounts (account, data, created, updated) VALUES (?, ?, ?, ?)",
+                           (account["account"], self._encrypt_account(account), now, now))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"account {account['account']} already exists") from None
+        return account_public(account, now, now)
+
+    def update_account(self, account_id: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Deep-merge data into the account (None removes a field); returns the public view."""
+        if not isinstance(data, dict):
+            raise ValidationError("body must be an object")
+        if data.get("account", account_id) != account_id:
+            raise ValidationError("account in the body does not match the account being updated")
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM accounts WHERE account = ?", (account_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"account {account_id} not found")
+            current = map_secrets(json.loads(row["data"]), self._box.decrypt)
+            patch = {key: val for key, val in data.items() if key != "account"}
+            if current.get("proxy") and patch.get("proxy") == mask_proxy(current["proxy"]):
+                del patch["proxy"]  # a GET view sent back unchanged keeps the real password
+            account = normalize_account(merge(current, patch), self._app_exists)
+            now = self._clock()
+            db.execute("UPDATE accounts SET data = ?, updated = ? WHERE account = ?",
+                       (self._encrypt_account(account), now, account_id))
+        return account_public(account, row["created"], now)
+
+    def get_account(self, account_id: str, with_secrets: bool = False) -> dict[str, Any] | None:
+        """The public view; with_secrets adds decrypted secrets, `expires` as a float and
+        the OAuth2 app's imap/smtp servers where the account has none."""
+        rows = self._query("SELECT * FROM accounts WHERE account = ?", (account_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        stored = json.loads(row["data"])
+        if not with_secrets:
+            return account_public(stored, row["created"], row["updated"])
+        account = map_secrets(stored, self._box.decrypt)
+        app = None
+        if "oauth2" in account:
+            app = self.get_app(account["oauth2"]["provider"])
+        return with_app_defaults(account, app)
+
+    def list_accounts(self) -> list[dict[str, Any]]:
+        """Every account's public view, ordered by ID."""
+        rows = self._query("SELECT * FROM accounts ORDER BY account")
+        return [account_public(json.loads(r["data"]), r["created"], r["updated"]) for r in rows]
+
+    def delete_account(self, account_id: str) -> bool:
+        """Delete an account and all its tokens; False when absent."""
+        with self._tx() as db:
+            found = db.execute("DELETE FROM accounts WHERE account = ?", (account_id,)).rowcount > 0
+            db.execute("DELETE FROM tokens WHERE account = ?", (account_id,))
+        return found
+
+    def set_oauth_tokens(self, account_id: str, access_token: str, expires: float,
+                         refresh_token: str | None = None) -> None:
+        """Store a refreshed access token (and a rotated refresh token when given)."""
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM accounts WHERE account = ?", (account_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"account {account_id} not found")
+            stored = json.loads(row["data"])
+            oauth = stored.get("oauth2")
+            if not isinstance(oauth, dict):
+                raise ValidationError(f"account {account_id} has no oauth2 settings")
+            oauth["accessToken"] = self._box.encrypt(access_token)
+            oauth["expires"] = float(expires)
+            if refresh_token:
+                oauth["refreshToken"] = self._box.encrypt(refresh_token)
+            db.execute("UPDATE accounts SET data = ? WHERE account = ?", (json.dumps(stored), account_id))
+
+    # Access tokens ---------------------------------------------------------
+
+    def create_token(self, account: str | None, scopes: list[str], description: str,
+                     addresses: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+        """Issue a token; returns (secret, public record). The secret is not stored."""
+        try:
+            scope_list = validate_scopes(scopes)
+            cidrs = validate_cidrs(addresses)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        if not isinstance(description, str) or not description.strip():
+            raise ValidationError("description is required")
+        if len(description) > 1024:
+            raise ValidationError("description is longer than 1024 characters")
+        if account is None and scope_list != ["api"]:
+            raise ValidationError("a token without an account must have exactly the scope api "
+                                  f"(scopes: {', '.join(SCOPES)})")
+        if account is not None:
+            validate_account_id(account)
+        secret = new_token()
+        record = TokenRecord(id=secrets.token_hex(8), hash=hash_token(secret), account=account,
+                             scopes=tuple(scope_list), description=description,
+                             created=self._clock(), addresses=tuple(cidrs))
+        with self._tx() as db:
+            if account is not None and db.execute(
+                    "SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
+                raise NotFound(f"account {account} not found")
+            db.execute(
+                "INSERT INTO tokens (id, hash, account, scopes, description, created, addresses)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.hash, record.account, json.dumps(list(record.scopes)),
+                 record.description, record.created, json.dumps(list(record.addresses))))
+        return secret, record.public()
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> TokenRecord:
+        return TokenRecord(id=row["id"], hash=row["hash"], account=row["account"],
+                           scopes=tuple(json.loads(row["scopes"])), description=row["description"],
+                           created=row["created"], addresses=tuple(json.loads(row["addresses"])),
+                           revoked=bool(row["revoked"]))
+
+    def _find_token(self, token_or_id: str) -> TokenRecord | None:
+        if not isinstance(token_or_id, str) or not token_or_id:
+            return None
+        if looks_like_token(token_or_id):
+            rows = self._query("SELECT * FROM tokens WHERE hash = ?", (hash_token(token_or_id),))
+        else:
+            rows = self._query("SELECT * FROM tokens WHERE id = ?", (token_or_id,))
+        return self._record(rows[0]) if rows else None
+
+    def verify_token(self, secret: str, scope: str, peer_ip: str | None,
+                     account: str | None = None) -> tuple[TokenCheck, dict[str, Any] | None]:
+        """Check a presented token for scope, account, revocation and the peer's address.
+
+        Returns (OK | DENIED_ADDRESS, public record) or (INVALID, None).
+        """
+        if not isinstance(secret, str) or not secret:
+            return TokenCheck.INVALID, None
+        presented = hash_token(secret)
+        rows = self._query("SELECT * FROM tokens WHERE hash = ?", (presented,))
+        if not rows:
+            return TokenCheck.INVALID, None
+        record = self._record(rows[0])
+        if account is not None and record.account != account:
+            return TokenCheck.INVALID, None
+        if record.account is None and scope != "api":
+            return TokenCheck.INVALID, None
+        result = check_token(record.check_view(), presented, scope, peer_ip)
+        return result, (None if result is TokenCheck.INVALID else record.public())
+
+    def get_token(self, token_or_id: str) -> dict[str, Any] | None:
+        """The public record of a token given its secret or its public id."""
+        record = self._find_token(token_or_id)
+        return record.public() if record is not None and not record.revoked else None
+
+    def list_tokens(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Public records of all tokens, or of one account's tokens, oldest first."""
+        if account is None:
+            rows = self._query("SELECT * FROM tokens WHERE revoked = 0 ORDER BY created, id")
+        else:
+            rows = self._query("SELECT * FROM tokens WHERE revoked = 0 AND account = ? ORDER BY created, id",
+                               (account,))
+        return [self._record(r).public() for r in rows]
+
+    def revoke_token(self, token_or_id: str) -> bool:
+        """Delete a token given its secret or public id; False when there is none."""
+        record = self._find_token(token_or_id)
+        if record is None:
+            return False
+        with self._tx() as db:
+            return db.execute("DELETE FROM tokens WHERE id = ?", (record.id,)).rowcount > 0

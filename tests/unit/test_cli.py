@@ -1,0 +1,154 @@
+"""The `gateway` CLI against a real config file and SQLite store in a temp dir."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.auth.secrets import SecretBox
+from gateway.auth.tokens import TokenCheck
+from gateway.cli import main
+from gateway.store.sqlite import SQLiteStore
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(f"store: sqlite:{tmp_path}/var/gateway.db\nsecret_key_file: {tmp_path}/var/secret.key\n")
+    return path
+
+
+def _store(config: Path) -> SQLiteStore:
+    base = config.parent / "var"
+    return SQLiteStore(str(base / "gateway.db"), SecretBox.from_file(base / "secret.key"))
+
+
+def _run(config: Path, *args: str, stdin: str = "", monkeypatch: pytest.MonkeyPatch | None = None) -> int:
+    if monkeypatch is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    return main(["--config", str(config), *args])
+
+
+def _add_alice(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _run(config, "account", "add", "--account", "alice", "--email", "alice@example.com",
+                "--imap-host", "imap.example.com", "--imap-port", "993", "--imap-secure",
+                "--imap-user", "alice", "--imap-pass-stdin",
+                stdin="imap-pass-s3cret\n", monkeypatch=monkeypatch) == 0
+
+
+def test_admin_token_create_prints_only_the_token_and_it_verifies(config: Path, capsys) -> None:
+    assert _run(config, "token", "create", "--scope", "api", "--description", "bootstrap") == 0
+    out, err = capsys.readouterr()
+    token = out.strip()
+    assert out == token + "\n" and len(token) == 64 and err == ""
+    store = _store(config)
+    check, record = store.verify_token(token, "api", "127.0.0.1")
+    assert check is TokenCheck.OK and record["account"] is None
+    store.close()
+
+
+def test_account_token_with_scopes_and_cidrs(config: Path, capsys, monkeypatch) -> None:
+    _add_alice(config, monkeypatch)
+    capsys.readouterr()
+    assert _run(config, "token", "create", "--account", "alice", "--scope", "imap-proxy", "--scope", "smtp",
+                "--cidr", "10.0.0.0/8", "--description", "laptop") == 0
+    token = capsys.readouterr().out.strip()
+    store = _store(config)
+    assert store.verify_token(token, "smtp", "10.2.3.4", account="alice")[0] is TokenCheck.OK
+    assert store.verify_token(token, "imap-proxy", "192.0.2.1")[0] is TokenCheck.DENIED_ADDRESS
+    store.close()
+
+
+def test_token_list_shows_no_secrets_and_revoke_by_secret_or_id(config: Path, capsys, monkeypatch) -> None:
+    _add_alice(config, monkeypatch)
+    _run(config, "token", "create", "--account", "alice", "--scope", "imap-proxy", "--description", "a")
+    _run(config, "token", "create", "--account", "alice", "--scope", "smtp", "--description", "b")
+    first, second = capsys.readouterr().out.split()[-2:]
+    assert _run(config, "token", "list", "--account", "alice") == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["description"] for r in sorted(records, key=lambda r: r["description"])] == ["a", "b"]
+    assert first not in out and second not in out
+    assert _run(config, "token", "revoke", first) == 0
+    by_id = next(r["id"] for r in records if r["description"] == "b")
+    assert _run(config, "token", "revoke", by_id) == 0
+    store = _store(config)
+    assert store.verify_token(first, "imap-proxy", None)[0] is TokenCheck.INVALID
+    assert store.verify_token(second, "smtp", None)[0] is TokenCheck.INVALID
+    store.close()
+    capsys.readouterr()
+    assert _run(config, "token", "revoke", by_id) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_account_add_reads_password_from_stdin_and_show_hides_it(config: Path, capsys, monkeypatch) -> None:
+    _add_alice(config, monkeypatch)
+    assert capsys.readouterr().out == "alice\n"
+    assert _run(config, "account", "show", "alice") == 0
+    shown = capsys.readouterr().out
+    assert json.loads(shown)["imap"] == {"host": "imap.example.com", "port": 993, "secure": True,
+                                         "auth": {"user": "alice"}}
+    assert "imap-pass-s3cret" not in shown
+    assert _run(config, "account", "list") == 0
+    assert [json.loads(line)["account"] for line in capsys.readouterr().out.splitlines()] == ["alice"]
+    store = _store(config)
+    assert store.get_account("alice", with_secrets=True)["imap"]["auth"]["pass"] == "imap-pass-s3cret"
+    store.close()
+
+
+def test_app_add_and_oauth2_account(config: Path, capsys, monkeypatch) -> None:
+    assert _run(config, "app", "add", "--name", "Gmail", "--provider", "gmail", "--client-id", "cid",
+                "--client-secret-stdin", stdin="client-s3cret\n", monkeypatch=monkeypatch) == 0
+    app_id = capsys.readouterr().out.strip()
+    assert _run(config, "app", "list") == 0
+    listing = capsys.readouterr().out
+    assert json.loads(listing)["id"] == app_id and "client-s3cret" not in listing
+    assert _run(config, "account", "add", "--account", "bob", "--email", "bob@gmail.com",
+                "--oauth2-app", app_id, "--refresh-token-stdin",
+                stdin="refresh-s3cret\n", monkeypatch=monkeypatch) == 0
+    store = _store(config)
+    full = store.get_account("bob", with_secrets=True)
+    assert full["oauth2"]["refreshToken"] == "refresh-s3cret" and full["oauth2"]["provider"] == app_id
+    store.close()
+
+
+def test_account_delete(config: Path, capsys, monkeypatch) -> None:
+    _add_alice(config, monkeypatch)
+    assert _run(config, "account", "delete", "alice") == 0
+    assert _run(config, "account", "delete", "alice") == 1
+    assert _run(config, "account", "show", "alice") == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_with_exit_1(config: Path, capsys) -> None:
+    """Invalid input exits 1 with one stderr line and nothing on stdout."""
+    for args in (("token", "create", "--scope", "imap-proxy", "--description", "no account"),
+                 ("token", "create", "--account", "ghost", "--scope", "smtp", "--description", "x"),
+                 ("token", "create", "--scope", "api", "--cidr", "10.0.0.0/99", "--description", "x")):
+        assert _run(config, *args) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("gateway: ") and err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(config: Path, capsys) -> None:
+    assert main(["--config", str(config), "token", "create", "--scope", "root", "--description", "x"]) == 2
+    assert main(["--config", str(config), "token", "create", "--scope", "api"]) == 2
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_secret_flags_need_stdin_input(config: Path, capsys, monkeypatch) -> None:
+    assert _run(config, "account", "add", "--account", "x", "--email", "x@example.com", "--imap-host", "h",
+                "--imap-user", "x", "--imap-pass-stdin", stdin="", monkeypatch=monkeypatch) == 1
+    assert "stdin" in capsys.readouterr().err
+
+
+def test_bad_config_is_one_line_exit_1(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stor: sqlite:x.db\n")
+    assert main(["--config", str(bad), "account", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stor" in err
