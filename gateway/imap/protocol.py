@@ -15,7 +15,7 @@ from gateway.connections import LOGINS, Session
 from gateway.imap import preauth
 from gateway.imap.opener import Opened, open_imap
 from gateway.imap.upstream import UpstreamError
-from gateway.net.relay import couple, set_nodelay
+from gateway.net.relay import Coalescer, couple, set_nodelay
 
 log = Logger()
 
@@ -43,6 +43,7 @@ class IMAPGateway(Protocol):
         self._login: defer.Deferred[None] | None = None
         self._paused = False
         self._gone = False
+        self._to_upstream: Coalescer | None = None
 
     # Twisted callbacks
     def connectionMade(self) -> None:
@@ -51,15 +52,16 @@ class IMAPGateway(Protocol):
         self._timeout = self.core.reactor.callLater(self.core.config.imap.preauth_timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.session is not None:
-            self.session.to_upstream(len(data))
-            self.upstream.protocol.transport.write(data)  # type: ignore[union-attr]
+        if self._to_upstream is not None:
+            self._to_upstream.write(data)
             return
         self._perform(self.machine.receive_data(data))
         self._bound_pending()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._gone = True
+        if self._to_upstream is not None:
+            self._to_upstream.flush()
         self._cancel_timeout()
         if self._login is not None:
             self._login.cancel()
@@ -173,15 +175,15 @@ class IMAPGateway(Protocol):
         assert self.upstream is not None and self.session is not None
         up = self.upstream.protocol
         session = self.session
-        up.on_data = session.to_client
-        leftover = up.relay_to(self.transport, self._upstream_closed)
+        reactor = self.core.reactor
+        to_client = Coalescer(reactor, self.transport, session.to_client)
+        leftover = up.relay_to(to_client, self._upstream_closed)
         if leftover:
-            session.to_client(len(leftover))
-            self.transport.write(leftover)
+            to_client.write(leftover)
+        self._to_upstream = Coalescer(reactor, up.transport, session.to_upstream)
         pending = self.machine.take_pending()
         if pending:
-            session.to_upstream(len(pending))
-            up.transport.write(pending)
+            self._to_upstream.write(pending)
         couple(self.transport, up.transport)
         self._resume()
 

@@ -11,11 +11,10 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from gateway.net.relay import set_nodelay
+from gateway.net.relay import Coalescer, set_nodelay
 
 MAX_RESPONSE = 256 * 1024
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
@@ -47,10 +46,9 @@ class UpstreamIMAP(Protocol):
         self._responses: deque[bytes] = deque()
         self._waiter: defer.Deferred[bytes] | None = None
         self._closed: Failure | None = None
-        self._sink: ITransport | None = None
+        self._sink: Coalescer | None = None
         self._on_close: Any = None
         self._tag = 0
-        self.on_data: Any = None
 
     # Twisted callbacks
     def connectionMade(self) -> None:
@@ -58,8 +56,6 @@ class UpstreamIMAP(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._sink is not None:
-            if self.on_data is not None:
-                self.on_data(len(data))
             self._sink.write(data)
             return
         self._buffer += data
@@ -67,6 +63,8 @@ class UpstreamIMAP(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = reason
+        if self._sink is not None:
+            self._sink.flush()
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             waiter.errback(UpstreamError(closed_reason(reason)))
@@ -131,7 +129,7 @@ class UpstreamIMAP(Protocol):
             untagged.append(response)
 
     # Hand-over
-    def relay_to(self, sink: ITransport, on_close: Any) -> bytes:
+    def relay_to(self, sink: Coalescer, on_close: Any) -> bytes:
         """From now on every byte goes to ``sink``; returns what was read but not consumed."""
         self._sink = sink
         self._on_close = on_close

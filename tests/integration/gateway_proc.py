@@ -57,6 +57,7 @@ class Gateway:
             else:
                 self.config[key] = value
         self.proc: subprocess.Popen[bytes] | None = None
+        self.twistd_args: list[str] = []  # e.g. ["--profile=FILE", "--profiler=cprofile"]
         self.admin_token = ""
         self.app_id = ""
 
@@ -65,7 +66,7 @@ class Gateway:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.proc = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", f"--logfile={self.log_path}",
+            TWISTD + ["-n", "--pidfile=", f"--logfile={self.log_path}", *self.twistd_args,
              "gateway", "--config", str(self.config_path)],
             cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"))
         deadline = time.monotonic() + timeout
