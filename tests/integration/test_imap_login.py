@@ -264,3 +264,49 @@ def test_id_before_login_is_answered_by_the_gateway(gateway):
     data = read_until(sock, b"i1 ")
     assert b'* ID ("name" "gateway"' in data and b"i1 OK" in data
     sock.close()
+
+
+def test_revoked_access_token_is_refreshed_once_and_retried(gateway, new_email, oauth2_provider):
+    """The provider revokes the cached access token early: the upstream refuses it, the gateway
+    refreshes once and the login still works."""
+    email = new_email("early")
+    account_id = email.split("@")[0]
+    refresh = gateway.add_oauth_account(account_id, email)
+    token = gateway.token(account_id)
+    assert b"a1 OK" in raw_login(gateway, account_id, token)
+    assert oauth2_provider.refresh_count(refresh) == 1
+    for access in oauth2_provider.access_tokens_for(refresh):
+        oauth2_provider.revoke_access(access)
+    assert b"a1 OK" in raw_login(gateway, account_id, token)
+    assert oauth2_provider.refresh_count(refresh) == 2
+
+
+def test_upstream_refusal_reports_the_providers_error(gateway, new_email, oauth2_provider):
+    """XOAUTH2 `user=` is the account's oauth2.auth.user: when it does not match the token's
+    mailbox Dovecot refuses, and the client gets NO [UNAVAILABLE] with the upstream's answer."""
+    email = new_email("mismatch")
+    account_id = email.split("@")[0]
+    _access, refresh = oauth2_provider.issue(email)
+    status, body = gateway.api("POST", "/v1/account", {
+        "account": account_id, "email": email,
+        "oauth2": {"provider": gateway.app_id, "auth": {"user": "someone-else@example.com"},
+                   "refreshToken": refresh}})
+    assert status == 200, body
+    line = raw_login(gateway, account_id, gateway.token(account_id))
+    assert b"a1 NO [UNAVAILABLE] upstream login failed: [AUTHENTICATIONFAILED]" in line, line
+    assert b"status=401 schemes=bearer" in line  # the decoded JSON of Dovecot's failure challenge
+    assert oauth2_provider.refresh_count(refresh) == 2  # the first token, then one forced refresh
+
+
+def test_upstream_certificate_is_verified(dovecot, oauth2_provider, new_email, tmp_path):
+    """A gateway that does not trust the upstream's CA refuses to log in there: NO [UNAVAILABLE]."""
+    gw = Gateway(tmp_path / "untrusting", dovecot, oauth2_provider, upstream={"ca_file": None})
+    try:
+        gw.start()
+        email = new_email("tls")
+        account_id = email.split("@")[0]
+        gw.add_oauth_account(account_id, email)
+        line = raw_login(gw, account_id, gw.token(account_id))
+        assert b"a1 NO [UNAVAILABLE] upstream TLS error: certificate verify failed" in line, line
+    finally:
+        gw.stop()
