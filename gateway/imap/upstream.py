@@ -5,28 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from OpenSSL import SSL
-from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
+from twisted.internet.protocol import Factory
 
-from gateway.net.relay import Coalescer, set_nodelay
+from gateway.net.upstream import ResponseReader, UpstreamAuthError, UpstreamError
 
-MAX_RESPONSE = 256 * 1024
+__all__ = ["Credentials", "UpstreamAuthError", "UpstreamError", "UpstreamIMAP", "login"]
+
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or used; the message is safe to show to the client."""
-
-
-class UpstreamAuthError(UpstreamError):
-    """The upstream refused our credentials (token or password)."""
 
 
 @dataclass(frozen=True)
@@ -38,77 +27,28 @@ class Credentials:
     secret: str
 
 
-class UpstreamIMAP(Protocol):
-    """Client side of the upstream connection: line reader until ``relay_to`` hands it over."""
+class UpstreamIMAP(ResponseReader):
+    """Client side of the upstream IMAP connection until ``relay_to`` hands it over."""
 
     def __init__(self) -> None:
-        self._buffer = b""
-        self._responses: deque[bytes] = deque()
-        self._waiter: defer.Deferred[bytes] | None = None
-        self._closed: Failure | None = None
-        self._sink: Coalescer | None = None
-        self._on_close: Any = None
+        super().__init__()
         self._tag = 0
 
-    # Twisted callbacks
-    def connectionMade(self) -> None:
-        set_nodelay(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._sink is not None:
-            self._sink.write(data)
-            return
-        self._buffer += data
-        self._split_responses()
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self._closed = reason
-        if self._sink is not None:
-            self._sink.flush()
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            waiter.errback(UpstreamError(closed_reason(reason)))
-        if self._on_close is not None:
-            callback, self._on_close = self._on_close, None
-            callback()
-
-    # Reading whole responses (a line plus any literals it announces)
-    def _split_responses(self) -> None:
+    def _take_response(self) -> bytes | None:
+        """A line plus any literals it announces ({n} at the end of a line)."""
         start = 0
         while True:
             end = self._buffer.find(b"\n", start)
             if end < 0:
-                break
-            line = self._buffer[: end + 1]
-            match = _LITERAL_AT_END.search(line)
+                return None
+            match = _LITERAL_AT_END.search(self._buffer, 0, end + 1)
             if match:
-                need = end + 1 + int(match.group(1))
-                if len(self._buffer) < need:
-                    break
-                start = need
+                start = end + 1 + int(match.group(1))
+                if len(self._buffer) < start:
+                    return None
                 continue
-            self._responses.append(self._buffer[: end + 1])
-            self._buffer = self._buffer[end + 1:]
-            start = 0
-        if len(self._buffer) > MAX_RESPONSE:
-            self._buffer = b""
-            self.transport.loseConnection()
-        if self._responses and self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            waiter.callback(self._responses.popleft())
-
-    def read_response(self) -> defer.Deferred[bytes]:
-        """The next complete response from the server."""
-        if self._responses:
-            return defer.succeed(self._responses.popleft())
-        if self._closed is not None:
-            return defer.fail(UpstreamError(closed_reason(self._closed)))
-        self._waiter = defer.Deferred(self._forget_waiter)
-        return self._waiter
-
-    def _forget_waiter(self, waiter: defer.Deferred[bytes]) -> None:
-        if self._waiter is waiter:
-            self._waiter = None
+            response, self._buffer = self._buffer[: end + 1], self._buffer[end + 1:]
+            return response
 
     def next_tag(self) -> bytes:
         self._tag += 1
@@ -127,24 +67,6 @@ class UpstreamIMAP(Protocol):
             if response.startswith(tag + b" "):
                 return response, untagged
             untagged.append(response)
-
-    # Hand-over
-    def relay_to(self, sink: Coalescer, on_close: Any) -> bytes:
-        """From now on every byte goes to ``sink``; returns what was read but not consumed."""
-        self._sink = sink
-        self._on_close = on_close
-        leftover = b"".join(self._responses) + self._buffer
-        self._responses.clear()
-        self._buffer = b""
-        return leftover
-
-
-def closed_reason(reason: Failure) -> str:
-    """Why the upstream connection ended, in words for the client."""
-    if reason.check(SSL.Error):
-        detail = "certificate verify failed" if "certificate verify failed" in str(reason.value) else "handshake failed"
-        return f"upstream TLS error: {detail}"
-    return "upstream closed the connection"
 
 
 def capabilities_in(responses: list[bytes]) -> bytes | None:

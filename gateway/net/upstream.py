@@ -1,0 +1,105 @@
+"""The upstream leg before hand-over: a response reader with one waiter, shared by IMAP and SMTP."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from gateway.net.relay import set_nodelay
+
+MAX_RESPONSE = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or used; the message is safe to show to the client."""
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream refused our credentials (token or password)."""
+
+
+def closed_reason(reason: Failure) -> str:
+    """Why the upstream connection ended, in words for the client."""
+    if reason.check(SSL.Error):
+        detail = "certificate verify failed" if "certificate verify failed" in str(reason.value) else "handshake failed"
+        return f"upstream TLS error: {detail}"
+    return "upstream closed the connection"
+
+
+class ResponseReader(Protocol):
+    """Reads whole responses until ``relay_to`` hands every later byte to a sink.
+
+    Subclasses say what a whole response is in ``_take_response``.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._responses: deque[bytes] = deque()
+        self._waiter: defer.Deferred[bytes] | None = None
+        self._closed: Failure | None = None
+        self._sink: Any = None
+        self._on_close: Any = None
+
+    def _take_response(self) -> bytes | None:
+        """Remove and return one complete response from ``self._buffer``, or None."""
+        raise NotImplementedError
+
+    # Twisted callbacks
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.write(data)
+            return
+        self._buffer += data
+        while (response := self._take_response()) is not None:
+            self._responses.append(response)
+        if len(self._buffer) > MAX_RESPONSE:
+            self._buffer = b""
+            self.transport.loseConnection()
+        if self._responses and self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(self._responses.popleft())
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closed = reason
+        if self._sink is not None:
+            self._sink.flush()
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.errback(UpstreamError(closed_reason(reason)))
+        if self._on_close is not None:
+            callback, self._on_close = self._on_close, None
+            callback()
+
+    def read_response(self) -> defer.Deferred[bytes]:
+        """The next complete response from the server."""
+        if self._responses:
+            return defer.succeed(self._responses.popleft())
+        if self._closed is not None:
+            return defer.fail(UpstreamError(closed_reason(self._closed)))
+        self._waiter = defer.Deferred(self._forget_waiter)
+        return self._waiter
+
+    def _forget_waiter(self, waiter: defer.Deferred[bytes]) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
+
+    def relay_to(self, sink: Any, on_close: Any) -> bytes:
+        """From now on every byte goes to ``sink.write``; returns what was read but not consumed.
+
+        ``sink`` also has ``flush()``, called when the connection ends;
+        ``on_close`` is called after that.
+        """
+        self._sink = sink
+        self._on_close = on_close
+        leftover = b"".join(self._responses) + self._buffer
+        self._responses.clear()
+        self._buffer = b""
+        return leftover
