@@ -13,8 +13,9 @@ from twisted.python.failure import Failure
 from gateway.auth.tokens import TokenCheck
 from gateway.connections import LOGINS, Session
 from gateway.imap import preauth
-from gateway.imap.opener import Opened, open_imap
-from gateway.imap.upstream import UpstreamError
+from gateway.imap.upstream import IMAP_LEG
+from gateway.net.opener import Opened, open_upstream
+from gateway.net.upstream import UpstreamError
 from gateway.net.relay import Coalescer, couple, set_nodelay
 
 log = Logger()
@@ -127,7 +128,7 @@ class IMAPGateway(Protocol):
         if account is None:
             self._fail(action.tag, preauth.INVALID_CREDENTIALS, action.username, client, "-", "unknown-account")
             return
-        opening = defer.Deferred.fromCoroutine(open_imap(self.core, account))
+        opening = defer.Deferred.fromCoroutine(open_upstream(self.core, account, IMAP_LEG))
         opening.addTimeout(self.core.config.imap.login_timeout, self.core.reactor,
                            onTimeoutCancel=_login_timed_out)
         try:
@@ -147,7 +148,7 @@ class IMAPGateway(Protocol):
                  proxy=opened.route.proxy or "-", ms=(time.monotonic() - started) * 1000)
         self.session = self.core.connections.open(
             "imap", action.username, client, str(opened.target), opened.route.source, opened.route.proxy)
-        self._perform(self.machine.login_succeeded(action.tag, action.username, opened.capabilities))
+        self._perform(self.machine.login_succeeded(action.tag, action.username, opened.result))
 
     def _fail(self, tag: bytes, text: bytes, account: str, client: str, upstream: str, result: str,
               reason: str = "") -> None:

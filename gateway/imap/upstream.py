@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.protocol import Factory
 
-from gateway.net.upstream import ResponseReader, UpstreamAuthError, UpstreamError
+from gateway.auth.xoauth2 import decode_error, initial_response
+from gateway.net.opener import Leg
+from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
 
-__all__ = ["Credentials", "UpstreamAuthError", "UpstreamError", "UpstreamIMAP", "login"]
+__all__ = ["IMAP_LEG", "UpstreamIMAP", "capabilities_in", "login"]
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the gateway logs in upstream with."""
-
-    mechanism: str  # "XOAUTH2" or "LOGIN"
-    user: str
-    secret: str
 
 
 class UpstreamIMAP(ResponseReader):
@@ -100,11 +89,6 @@ def _quoted(value: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def xoauth2_initial(user: str, token: str) -> bytes:
-    """The XOAUTH2 initial client response, base64-encoded."""
-    return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
-
-
 async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: Any = None,
                 gateway_id: bytes = b'("name" "gateway" "version" "0.1")') -> bytes:
     """Drive a fresh upstream connection to the authenticated state; returns its capabilities."""
@@ -147,7 +131,7 @@ async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: An
 
 async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tuple[bytes, list[bytes]]:
     """AUTHENTICATE XOAUTH2; a failure challenge is answered empty and its JSON error reported."""
-    initial = xoauth2_initial(creds.user, creds.secret)
+    initial = initial_response(creds.user, creds.secret)
     tag = proto.next_tag()
     if sasl_ir:
         proto.transport.write(tag + b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n")
@@ -167,7 +151,7 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tu
             sent_initial = True
             continue
         # A challenge after our token is the provider's error (base64 JSON); answer empty.
-        detail = _decode_challenge(response[1:].strip())
+        detail = decode_error(response[1:].strip())
         proto.transport.write(b"\r\n")
         tagged, more = await proto.read_tagged(tag)
         if detail and _status(tagged) != b"OK":
@@ -175,15 +159,9 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tu
         return tagged, untagged + more
 
 
-def _decode_challenge(data: bytes) -> str:
-    try:
-        payload = json.loads(base64.b64decode(data, validate=True))
-    except ValueError:
-        return ""
-    if not isinstance(payload, dict):
-        return ""
-    return " ".join(f"{k}={payload[k]}" for k in ("status", "schemes", "scope") if k in payload)
+async def _leg_login(core: Any, proto: UpstreamIMAP, creds: Credentials, starttls: Any, route: Any) -> bytes:
+    return await login(proto, creds, starttls_options=starttls, gateway_id=core.imap_id)
 
 
-class UpstreamFactory(Factory):
-    protocol = UpstreamIMAP
+IMAP_LEG = Leg("imap", UpstreamIMAP, tls_port=993, starttls_port=143, password_mechanism="LOGIN",
+               login=_leg_login)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
@@ -21,6 +22,15 @@ class UpstreamError(Exception):
 
 class UpstreamAuthError(UpstreamError):
     """The upstream refused our credentials (token or password)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the gateway logs in upstream with."""
+
+    mechanism: str  # "XOAUTH2", or the leg's password mechanism ("LOGIN" for IMAP, "PASSWORD" for SMTP)
+    user: str
+    secret: str
 
 
 def closed_reason(reason: Failure) -> str:

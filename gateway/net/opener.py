@@ -1,0 +1,125 @@
+"""Open an authenticated upstream connection for an account: connect, TLS, token, login.
+
+IMAP and SMTP differ only in their :class:`Leg`: which settings, default ports,
+protocol class and login routine. Everything else (where the server comes from,
+credentials, one forced token refresh when the provider refuses a cached token,
+error texts) is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from gateway.auth.oauth2 import RefreshError
+from gateway.net.connector import Route
+from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    secure: bool  # True: implicit TLS; False: STARTTLS (never plaintext)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Leg:
+    """What differs between the IMAP and the SMTP upstream."""
+
+    name: str                      # "imap" | "smtp": the account's settings key
+    protocol: type[ResponseReader]
+    tls_port: int
+    starttls_port: int
+    password_mechanism: str        # what Credentials.mechanism says for password accounts
+    # login(core, proto, creds, starttls_options, route) -> whatever the leg's relay needs
+    login: Callable[[Any, Any, Credentials, Any, Route], Awaitable[Any]]
+
+
+@dataclass
+class Opened:
+    protocol: Any
+    result: Any                    # IMAP: capabilities (bytes); SMTP: SMTPLogin
+    target: Target
+    route: Route
+
+
+async def target_for(core: Any, account: dict[str, Any], leg: Leg) -> Target:
+    """The account's server for ``leg``: its own settings, else its OAuth2 app's."""
+    settings = account.get(leg.name) or {}
+    if not settings.get("host") and account.get("oauth2"):
+        app = await core.store.get_app(account["oauth2"].get("provider"))
+        settings = {**((app or {}).get(leg.name) or {}), **settings}
+    if not settings.get("host"):
+        raise UpstreamError(f"account has no {leg.name.upper()} server configured")
+    port = int(settings.get("port") or 0)
+    if settings.get("secure") is None:  # unsaid: implicit TLS, except on the leg's STARTTLS port
+        secure = port != leg.starttls_port
+    else:
+        secure = bool(settings["secure"])
+    return Target(str(settings["host"]), port or (leg.tls_port if secure else leg.starttls_port), secure)
+
+
+async def credentials_for(core: Any, account: dict[str, Any], leg: Leg, force: bool) -> Credentials:
+    oauth = account.get("oauth2")
+    if oauth:
+        try:
+            token = await core.tokens.access_token(account, force=force)
+        except RefreshError as e:
+            raise UpstreamError(str(e)) from None
+        user = (oauth.get("auth") or {}).get("user") or account.get("email") or ""
+        return Credentials("XOAUTH2", user, token)
+    auth = (account.get(leg.name) or {}).get("auth") or {}
+    if not auth.get("pass"):
+        raise UpstreamError(f"account has neither OAuth2 nor an {leg.name.upper()} password")
+    return Credentials(leg.password_mechanism, auth.get("user") or account.get("email") or "", auth["pass"])
+
+
+async def open_upstream(core: Any, account: dict[str, Any], leg: Leg) -> Opened:
+    """Connect, verify TLS, log in upstream; one forced token refresh if the provider refuses ours."""
+    target = await target_for(core, account, leg)
+    forced = False
+    while True:
+        creds = await credentials_for(core, account, leg, forced)
+        try:
+            return await _attempt(core, account, target, creds, leg)
+        except UpstreamAuthError:
+            if creds.mechanism != "XOAUTH2" or forced:
+                raise
+            forced = True
+            log.info("Upstream refused the cached access token of {account}; refreshing once",
+                     account=account["account"])
+
+
+async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Credentials,
+                   leg: Leg) -> Opened:
+    try:
+        proto, route = await core.connector.connect(
+            target.host, target.port, Factory.forProtocol(leg.protocol), tls=target.secure, account=account)
+    except (ConnectError, DNSLookupError, TxTimeoutError) as e:
+        raise UpstreamError(f"cannot connect to {target}: {_reason(e)}") from None
+    starttls = None if target.secure else core.connector.tls_options(target.host)
+    try:
+        result = await leg.login(core, proto, creds, starttls, route)
+    except (UpstreamError, defer.CancelledError):
+        proto.transport.abortConnection()
+        raise
+    except Exception as e:  # TLS verification errors arrive as connection loss or SSL errors
+        proto.transport.abortConnection()
+        raise UpstreamError(f"upstream TLS or protocol error with {target}: {_reason(e)}") from None
+    return Opened(proto, result, target, route)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:160]
