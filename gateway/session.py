@@ -1,0 +1,226 @@
+"""A client connection of either protocol: pre-auth machine, token check, upstream login, relay.
+
+The IMAP and SMTP protocols subclass :class:`GatewaySession` and fill in what
+differs: the pre-auth machine and its action classes, the token scope, the
+upstream leg, the reply texts and how the relay starts.
+"""
+
+from __future__ import annotations
+
+import time
+from types import ModuleType
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gateway.auth.tokens import TokenCheck
+from gateway.connections import LOGINS, Session
+from gateway.net.opener import Leg, Opened, open_upstream
+from gateway.net.relay import Coalescer, set_nodelay
+from gateway.net.upstream import UpstreamError
+
+log = Logger()
+
+
+def peer_host(transport: Any) -> str:
+    """The client's IP address (after any PROXY header), or '' when there is none."""
+    try:
+        return str(getattr(transport.getPeer(), "host", "") or "")
+    except Exception:
+        return ""
+
+
+def _login_timed_out(result: Any, timeout: float) -> Any:
+    if isinstance(result, Failure) and result.check(defer.CancelledError):
+        raise UpstreamError(f"upstream login timed out after {timeout:.0f} s")
+    return result
+
+
+class GatewaySession(Protocol):
+    """One client connection; subclasses say what is protocol-specific."""
+
+    name = ""            # "imap" | "smtp": logs, metrics and /v1/connections
+    scope = ""           # the token scope this listener needs
+    leg: Leg
+    actions: ModuleType  # the module defining Send, StartTLS, Login, StartRelay, Close, State
+    expired_text = b""   # written when the pre-auth timeout fires
+
+    def __init__(self, core: Any, tls: bool) -> None:
+        self.core = core
+        self.tls = tls
+        self.settings = getattr(core.config, self.name)
+        self.machine = self.make_machine()
+        self.upstream: Opened | None = None
+        self.session: Session | None = None
+        self.client = ""
+        self._timeout: Any = None
+        self._login: defer.Deferred[None] | None = None
+        self._paused = False
+        self._gone = False
+        self._to_upstream: Coalescer | None = None
+
+    # What subclasses provide
+    def make_machine(self) -> Any:
+        raise NotImplementedError
+
+    def reply(self, kind: str, reason: str = "") -> bytes:
+        """The failure text for ``kind``: invalid, denied or unavailable."""
+        raise NotImplementedError
+
+    def login_failed(self, action: Any, text: bytes) -> list[Any]:
+        raise NotImplementedError
+
+    def login_succeeded(self, action: Any, opened: Opened) -> list[Any]:
+        raise NotImplementedError
+
+    def start_relay(self) -> None:
+        raise NotImplementedError
+
+    def relay_from_client(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    # Twisted callbacks
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        self.transport.write(self.machine.greeting())
+        self._timeout = self.core.reactor.callLater(self.settings.preauth_timeout, self._expire)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.session is not None and self.upstream is not None:
+            self.relay_from_client(data)
+            return
+        self._perform(self.machine.receive_data(data))
+        self._bound_pending()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._gone = True
+        if self._to_upstream is not None:
+            self._to_upstream.flush()
+        self._cancel_timeout()
+        if self._login is not None:
+            self._login.cancel()
+        if self.upstream is not None:
+            self.upstream.protocol.transport.loseConnection()
+        if self.session is not None:
+            self.session.close()
+
+    # Actions from the machine
+    def _perform(self, actions: list[Any]) -> None:
+        kinds = self.actions
+        for action in actions:
+            if self._gone:
+                return
+            if isinstance(action, kinds.Send):
+                self.transport.write(action.data)
+            elif isinstance(action, kinds.StartTLS):
+                self.machine.take_pending()  # plaintext pipelined behind STARTTLS is dropped
+                self.transport.startTLS(self.core.server_tls)
+                self.tls = True
+                self._perform(self.machine.tls_started())
+            elif isinstance(action, kinds.Login):
+                self._login = defer.Deferred.fromCoroutine(self._log_in(action))
+                self._login.addErrback(self._login_crashed, action)
+            elif isinstance(action, kinds.StartRelay):
+                self._cancel_timeout()
+                self.start_relay()
+                self._resume()
+            elif isinstance(action, kinds.Close):
+                self.transport.loseConnection()
+
+    def _bound_pending(self) -> None:
+        """While the upstream login runs, stop reading once the held bytes reach the limit."""
+        if self.machine.state is self.actions.State.LOGGING_IN and not self._paused and \
+                self.machine.buffered >= self.settings.max_pending:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _expire(self) -> None:
+        self._timeout = None
+        if self.session is None and not self._gone:
+            self.transport.write(self.expired_text)
+            self.transport.loseConnection()
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    # Login
+    async def _log_in(self, action: Any) -> None:
+        self.client = client = peer_host(self.transport)
+        started = time.monotonic()
+        check, _token = await self.core.store.verify_token(
+            action.password, self.scope, client or None, account=action.username)
+        if self._gone:
+            return
+        if check is not TokenCheck.OK:
+            denied = check is TokenCheck.DENIED_ADDRESS
+            self._fail(action, self.reply("denied" if denied else "invalid"),
+                       "denied-address" if denied else "invalid-credentials")
+            return
+        account = await self.core.store.get_account(action.username, with_secrets=True)
+        if self._gone:
+            return
+        if account is None:
+            self._fail(action, self.reply("invalid"), "unknown-account")
+            return
+        opening = defer.Deferred.fromCoroutine(open_upstream(self.core, account, self.leg))
+        opening.addTimeout(self.settings.login_timeout, self.core.reactor, onTimeoutCancel=_login_timed_out)
+        try:
+            opened = await opening
+        except UpstreamError as e:
+            self._fail(action, self.reply("unavailable", str(e)), "unavailable", reason=str(e))
+            return
+        if self._gone:
+            opened.protocol.transport.loseConnection()
+            return
+        self.upstream = opened
+        LOGINS.labels(self.name, "ok").inc()
+        log.info("{proto} login account={account} client={client} upstream={upstream} source={source} "
+                 "proxy={proxy} result=ok ms={ms:.0f}", proto=self.name.upper(), account=action.username,
+                 client=client, upstream=str(opened.target), source=opened.route.source or "-",
+                 proxy=opened.route.proxy or "-", ms=(time.monotonic() - started) * 1000)
+        self.session = self.core.connections.open(
+            self.name, action.username, client, str(opened.target), opened.route.source, opened.route.proxy)
+        self._perform(self.login_succeeded(action, opened))
+
+    def _fail(self, action: Any, text: bytes, result: str, reason: str = "") -> None:
+        LOGINS.labels(self.name, result).inc()
+        log.info("{proto} login account={account} client={client} upstream=- result={result} {reason}",
+                 proto=self.name.upper(), account=action.username, client=self.client,
+                 result=result, reason=reason)
+        self._resume()
+        self._perform(self.login_failed(action, text))
+
+    def _login_crashed(self, failure: Failure, action: Any) -> None:
+        if failure.check(defer.CancelledError) or self._gone:
+            return None
+        log.failure("{proto} login crashed", failure, proto=self.name.upper())
+        self._fail(action, self.reply("unavailable", "internal error"), "error")
+        return None
+
+    def _upstream_closed(self) -> None:
+        if not self._gone:
+            self.transport.loseConnection()
+
+
+class SessionFactory(Factory):
+    """Makes one protocol class; ``tls`` says whether the listener is implicit TLS."""
+
+    def __init__(self, protocol: type[GatewaySession], core: Any, tls: bool) -> None:
+        self.session_class = protocol
+        self.core = core
+        self.tls = tls
+
+    def buildProtocol(self, addr: Any) -> GatewaySession:
+        proto = self.session_class(self.core, self.tls)
+        proto.factory = self
+        return proto
