@@ -38,6 +38,11 @@ class SMTPConfig:
     listen: tuple[str, ...] = ("tcp:2587",)
     implicit_tls_listen: tuple[str, ...] = ()
     hostname: str = "localhost"
+    allow_plaintext_login: bool = False
+    max_message_size: int = 36700160
+    preauth_timeout: float = 60.0
+    login_timeout: float = 45.0
+    max_pending: int = 262144
 
 
 @dataclass(frozen=True)

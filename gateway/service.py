@@ -13,6 +13,7 @@ from gateway.auth.oauth2 import TokenSource
 from gateway.config import Config
 from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGatewayFactory
+from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.net.connector import Connector
 from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_description, server_options
 
@@ -80,6 +81,11 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
                          IMAPGatewayFactory(core, tls=tls)).setServiceParent(top)
     for description in config.imap.starttls_listen:
         strports.service(description, IMAPGatewayFactory(core, tls=False)).setServiceParent(top)
+    for description in config.smtp.listen:
+        strports.service(description, SMTPGatewayFactory(core, tls=False)).setServiceParent(top)
+    for description in config.smtp.implicit_tls_listen:
+        strports.service(listener_description(description, cert, key),
+                         SMTPGatewayFactory(core, tls=True)).setServiceParent(top)
     strports.service(config.api.listen, make_site(core.store, core.connections)).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]
     return top

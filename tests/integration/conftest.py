@@ -76,3 +76,21 @@ def gateway(dovecot, oauth2_provider):
             print(f"\nGateway workdir kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smtp_sink(dovecot):
+    """The SMTP sink Dovecot's submission service relays to
+    (``dovecot.submission_relay_port``).  Dovecot connects to it as soon as a
+    user logs in to submission, so request this fixture before any submission
+    login.  Shared by the session: filter ``smtp_sink.find()/wait_for()`` by the
+    test's unique addresses."""
+    from .smtp_sink import SMTPSink
+
+    if not dovecot.submission_relay_port:
+        pytest.skip("Dovecot runs without submission")
+    sink = SMTPSink(dovecot.submission_relay_port).start()
+    try:
+        yield sink
+    finally:
+        sink.stop()

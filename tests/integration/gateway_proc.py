@@ -37,6 +37,8 @@ class Gateway:
         self.imaps_port = free_port()
         self.imap_port = free_port()
         self.api_port = free_port()
+        self.smtp_port = free_port()
+        self.smtps_port = free_port()
         self.config_path = self.workdir / "gateway.yaml"
         self.log_path = self.workdir / "gateway.log"
         self.config: dict[str, Any] = {
@@ -47,6 +49,10 @@ class Gateway:
                 "listen": [f"ssl:{self.imaps_port}:interface=127.0.0.1"],
                 "starttls_listen": [f"tcp:{self.imap_port}:interface=127.0.0.1"],
                 "allow_plaintext_login": False,
+            },
+            "smtp": {
+                "listen": [f"tcp:{self.smtp_port}:interface=127.0.0.1"],
+                "implicit_tls_listen": [f"ssl:{self.smtps_port}:interface=127.0.0.1"],
             },
             "api": {"listen": f"tcp:{self.api_port}:interface=127.0.0.1"},
             "upstream": {"ca_file": str(dovecot.ca_file), "connect_timeout": 5, "refresh_margin": 1},
@@ -87,6 +93,7 @@ class Gateway:
             "clientSecret": CLIENT_SECRET, "tokenUrl": self.provider.token_url,
             "authorizationUrl": self.provider.url + "/authorize",
             "imap": {"host": "localhost", "port": self.dovecot.imaps_port, "secure": True},
+            "smtp": {"host": "localhost", "port": self.dovecot.submission_port, "secure": False},
         })[1]["id"]
         return self
 

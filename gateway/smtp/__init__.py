@@ -1,0 +1,1 @@
+"""SMTP submission side of the gateway: pre-auth machine, relay filter, protocol."""

@@ -1,0 +1,112 @@
+"""The client-facing SMTP protocol: the pre-auth machine's session, then a relay through the filter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.net.opener import Opened
+from gateway.net.relay import Coalescer, couple
+from gateway.session import GatewaySession, SessionFactory
+from gateway.smtp import preauth
+from gateway.smtp.filter import CloseBoth, RelayFilter, ToClient, ToUpstream, parse_ehlo
+from gateway.smtp.upstream import SMTP_LEG
+
+
+class _FromUpstream:
+    """The upstream's bytes, fed to the filter (the sink ``relay_to`` writes to)."""
+
+    def __init__(self, session: "SMTPGateway") -> None:
+        self._session = session
+
+    def write(self, data: bytes) -> None:
+        self._session.apply(self._session.filter.from_upstream(data))
+
+    def flush(self) -> None:
+        self._session.flush()
+
+
+class SMTPGateway(GatewaySession):
+    """One SMTP client: EHLO/STARTTLS/AUTH answered here, then relayed through :class:`RelayFilter`."""
+
+    name = "smtp"
+    scope = "smtp"
+    leg = SMTP_LEG
+    actions = preauth
+    expired_text = b"421 4.4.2 Timeout waiting for authentication\r\n"
+
+    def __init__(self, core: Any, tls: bool) -> None:
+        super().__init__(core, tls)
+        self.filter: RelayFilter | None = None  # type: ignore[assignment]
+        self._to_client: Coalescer | None = None
+        self._held = False
+
+    def make_machine(self) -> preauth.PreAuth:
+        return preauth.PreAuth(tls=self.tls, hostname=self.settings.hostname.encode("idna"),
+                               max_size=self.settings.max_message_size,
+                               allow_plaintext_login=self.settings.allow_plaintext_login)
+
+    def reply(self, kind: str, reason: str = "") -> bytes:
+        if kind == "denied":
+            return preauth.ACCESS_DENIED
+        if kind == "invalid":
+            return preauth.INVALID_CREDENTIALS
+        return preauth.unavailable(reason)
+
+    def login_failed(self, action: preauth.Login, text: bytes) -> list[Any]:
+        return self.machine.login_failed(text)
+
+    def login_succeeded(self, action: preauth.Login, opened: Opened) -> list[Any]:
+        return self.machine.login_succeeded()
+
+    def start_relay(self) -> None:
+        assert self.upstream is not None and self.session is not None
+        up = self.upstream.protocol
+        reactor = self.core.reactor
+        self.filter = RelayFilter(parse_ehlo(self.upstream.result.ehlo),
+                                  hostname=self.settings.hostname.encode("idna"),
+                                  max_size=self.settings.max_message_size)
+        self._to_client = Coalescer(reactor, self.transport, self.session.to_client)
+        self._to_upstream = Coalescer(reactor, up.transport, self.session.to_upstream)
+        leftover = up.relay_to(_FromUpstream(self), self._upstream_closed)
+        if leftover:
+            self.apply(self.filter.from_upstream(leftover))
+        couple(self.transport, up.transport)
+        pending = self.machine.take_pending()
+        if pending:
+            self.relay_from_client(pending)
+
+    def relay_from_client(self, data: bytes) -> None:
+        assert self.filter is not None
+        self.apply(self.filter.from_client(data))
+
+    def apply(self, actions: list[Any]) -> None:
+        """Carry out the filter's actions, and hold the client while the filter holds too much."""
+        for action in actions:
+            if isinstance(action, ToUpstream):
+                self._to_upstream.write(action.data)  # type: ignore[union-attr]
+            elif isinstance(action, ToClient):
+                self._to_client.write(action.data)  # type: ignore[union-attr]
+            elif isinstance(action, CloseBoth):
+                self.flush()
+                self.transport.loseConnection()
+                if self.upstream is not None:
+                    self.upstream.protocol.transport.loseConnection()
+        if self.filter is None or self._gone:
+            return
+        if self.filter.should_pause_client and not self._held:
+            self._held = True
+            self.transport.pauseProducing()
+        elif self._held and not self.filter.should_pause_client:
+            self._held = False
+            self.transport.resumeProducing()
+
+    def flush(self) -> None:
+        if self._to_client is not None:
+            self._to_client.flush()
+        if self._to_upstream is not None:
+            self._to_upstream.flush()
+
+
+def SMTPGatewayFactory(core: Any, tls: bool) -> SessionFactory:
+    """Factory of SMTP sessions for one listener."""
+    return SessionFactory(SMTPGateway, core, tls)
