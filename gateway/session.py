@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from gateway.auth.tokens import TokenCheck
 from gateway.connections import LOGINS, Session
 from gateway.net.opener import Leg, Opened, open_upstream
-from gateway.net.relay import Coalescer, set_nodelay
+from gateway.net.relay import Coalescer, quickack, set_nodelay, tcp_socket
 from gateway.net.upstream import UpstreamError
 
 log = Logger()
@@ -61,6 +61,7 @@ class GatewaySession(Protocol):
         self._paused = False
         self._gone = False
         self._to_upstream: Coalescer | None = None
+        self._socket: Any = None
 
     # What subclasses provide
     def make_machine(self) -> Any:
@@ -85,10 +86,12 @@ class GatewaySession(Protocol):
     # Twisted callbacks
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        self._socket = tcp_socket(self.transport)
         self.transport.write(self.machine.greeting())
         self._timeout = self.core.reactor.callLater(self.settings.preauth_timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
+        quickack(self._socket)
         if self.session is not None and self.upstream is not None:
             self.relay_from_client(data)
             return

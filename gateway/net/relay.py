@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 
@@ -18,6 +19,37 @@ def set_nodelay(transport: Any) -> None:
             return
         transport = getattr(transport, "transport", None)
         seen += 1
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def tcp_socket(transport: Any) -> socket.socket | None:
+    """The socket under any TLS or PROXY-protocol wrappers, or None (UNIX sockets, tests)."""
+    for _ in range(8):
+        if transport is None:
+            return None
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock if sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def quickack(sock: socket.socket | None) -> None:
+    """Ask the kernel to acknowledge what arrives next at once (Linux TCP_QUICKACK).
+
+    Mail clients rarely set TCP_NODELAY. When one sends a message in TLS
+    records smaller than the loopback MSS, Nagle holds its last record until
+    our ACK, and a delayed ACK costs 40 ms per message (measured: a 50 KB DATA
+    through the gateway took 44 ms, 3.7 ms with this). The flag resets itself,
+    so it is set again after every read.
+    """
+    if sock is not None and _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass
 
 
 def couple(a: Any, b: Any) -> None:
