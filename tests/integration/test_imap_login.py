@@ -310,3 +310,25 @@ def test_upstream_certificate_is_verified(dovecot, oauth2_provider, new_email, t
         assert b"a1 NO [UNAVAILABLE] upstream TLS error: certificate verify failed" in line, line
     finally:
         gw.stop()
+
+
+def test_connections_and_metrics_show_a_live_session(gateway, account):
+    """While a session is open, /v1/connections lists it; /metrics counts the login."""
+    import urllib.request
+
+    account_id, _ = account
+    conn = gateway.imap()
+    conn.login(account_id, gateway.token(account_id))
+    status, body = gateway.api("GET", "/v1/connections")
+    assert status == 200
+    mine = [c for c in body["connections"] if c["account"] == account_id]
+    assert mine and mine[0]["protocol"] == "imap" and mine[0]["client"] == "127.0.0.1"
+    assert mine[0]["upstream"] == f"localhost:{gateway.dovecot.imaps_port}"
+    req = urllib.request.Request(f"http://127.0.0.1:{gateway.api_port}/metrics",
+                                 headers={"Authorization": f"Bearer {gateway.admin_token}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    assert 'gateway_logins_total{protocol="imap",result="ok"}' in text
+    assert 'gateway_sessions_active{protocol="imap"}' in text
+    conn.logout()
+    assert wait_for(lambda: not [c for c in gateway.api("GET", "/v1/connections")[1]["connections"]
+                                 if c["account"] == account_id])
