@@ -12,11 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import unicodedata
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Union
 
+from gateway.actions import Close, Send, StartRelay, StartTLS, safe_reason
 from gateway.imap.codec import (
     NEED_DATA,
     Arg,
@@ -49,9 +49,7 @@ UNKNOWN_COMMAND = b"Command unknown or not allowed before authentication"
 
 def unavailable(reason: str) -> bytes:
     """``[UNAVAILABLE] <reason>`` as printable ASCII on one line, at most 200 chars."""
-    ascii_text = unicodedata.normalize("NFKD", reason).encode("ascii", "ignore").decode("ascii")
-    text = " ".join(re.sub(r"[^\x20-\x7e]", " ", ascii_text).split())[:200].rstrip()
-    return b"[UNAVAILABLE] " + (text or "Service unavailable").encode("ascii")
+    return b"[UNAVAILABLE] " + safe_reason(reason)
 
 
 class State(Enum):
@@ -63,18 +61,6 @@ class State(Enum):
 
 
 @dataclass(frozen=True)
-class Send:
-    """Write these bytes to the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StartTLS:
-    """Discard :meth:`PreAuth.take_pending`, then start TLS on the transport."""
-
-
-@dataclass(frozen=True)
 class Login:
     """Check these credentials and log in upstream; answer with login_*()."""
 
@@ -82,16 +68,6 @@ class Login:
     username: str
     password: str
     mechanism: str  # "LOGIN" or "PLAIN"
-
-
-@dataclass(frozen=True)
-class StartRelay:
-    """Send :meth:`PreAuth.take_pending` upstream first, then relay both ways."""
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the connection once the previous Sends are written."""
 
 
 Action = Union[Send, StartTLS, Login, StartRelay, Close]

@@ -13,11 +13,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import unicodedata
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Union
 
+from gateway.actions import Close, Send, StartRelay, StartTLS, safe_reason
 from gateway.smtp.codec import NEED_DATA, Line, LineReader, ehlo_reply
 
 __all__ = [
@@ -44,9 +44,7 @@ _BDAT_SIZE = re.compile(rb"\A *([0-9]{1,18})(?: |\Z)")
 
 def unavailable(reason: str) -> bytes:
     """``454 4.7.0 <reason>`` as printable ASCII on one line, at most 200 chars of reason."""
-    ascii_text = unicodedata.normalize("NFKD", reason).encode("ascii", "ignore").decode("ascii")
-    text = " ".join(re.sub(r"[^\x20-\x7e]", " ", ascii_text).split())[:200].rstrip()
-    return b"454 4.7.0 " + (text or "Service unavailable").encode("ascii")
+    return b"454 4.7.0 " + safe_reason(reason)
 
 
 class State(Enum):
@@ -62,34 +60,12 @@ class State(Enum):
 
 
 @dataclass(frozen=True)
-class Send:
-    """Write these bytes to the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StartTLS:
-    """Discard :meth:`PreAuth.take_pending`, start TLS, then call tls_started()."""
-
-
-@dataclass(frozen=True)
 class Login:
     """Check these credentials and log in upstream; answer with login_*()."""
 
     username: str
     password: str
     mechanism: str  # "PLAIN" or "LOGIN"
-
-
-@dataclass(frozen=True)
-class StartRelay:
-    """Pass :meth:`PreAuth.take_pending` through the relay filter, then relay."""
-
-
-@dataclass(frozen=True)
-class Close:
-    """Close the connection once the previous Sends are written."""
 
 
 Action = Union[Send, StartTLS, Login, StartRelay, Close]
