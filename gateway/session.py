@@ -45,7 +45,7 @@ class GatewaySession(Protocol):
     name = ""            # "imap" | "smtp": logs, metrics and /v1/connections
     scope = ""           # the token scope this listener needs
     leg: Leg
-    actions: ModuleType  # the module defining Send, StartTLS, Login, StartRelay, Close, State
+    actions: ModuleType  # the pre-auth module: its actions, State and reply texts
     expired_text = b""   # written when the pre-auth timeout fires
 
     def __init__(self, core: Any, tls: bool) -> None:
@@ -68,8 +68,12 @@ class GatewaySession(Protocol):
         raise NotImplementedError
 
     def reply(self, kind: str, reason: str = "") -> bytes:
-        """The failure text for ``kind``: invalid, denied or unavailable."""
-        raise NotImplementedError
+        """The failure text for ``kind`` (invalid, denied or unavailable), from the machine's module."""
+        if kind == "denied":
+            return self.actions.ACCESS_DENIED
+        if kind == "invalid":
+            return self.actions.INVALID_CREDENTIALS
+        return self.actions.unavailable(reason)
 
     def login_failed(self, action: Any, text: bytes) -> list[Any]:
         raise NotImplementedError

@@ -24,13 +24,6 @@ class IMAPGateway(GatewaySession):
         return preauth.PreAuth(tls=self.tls, allow_plaintext_login=self.settings.allow_plaintext_login,
                                server_name=b"gateway", version=self.core.version.encode())
 
-    def reply(self, kind: str, reason: str = "") -> bytes:
-        if kind == "denied":
-            return preauth.ACCESS_DENIED
-        if kind == "invalid":
-            return preauth.INVALID_CREDENTIALS
-        return preauth.unavailable(reason)
-
     def login_failed(self, action: preauth.Login, text: bytes) -> list[Any]:
         return self.machine.login_failed(action.tag, text)
 

@@ -45,13 +45,6 @@ class SMTPGateway(GatewaySession):
                                max_size=self.settings.max_message_size,
                                allow_plaintext_login=self.settings.allow_plaintext_login)
 
-    def reply(self, kind: str, reason: str = "") -> bytes:
-        if kind == "denied":
-            return preauth.ACCESS_DENIED
-        if kind == "invalid":
-            return preauth.INVALID_CREDENTIALS
-        return preauth.unavailable(reason)
-
     def login_failed(self, action: preauth.Login, text: bytes) -> list[Any]:
         return self.machine.login_failed(text)
 
