@@ -64,6 +64,10 @@ class NetworkConfig:
     ip_strategy: Any = "ipv4_then_ipv6"
     proxy: str | None = None
     no_proxy: tuple[str, ...] = ()
+    domain_pools: dict[str, Any] = field(default_factory=dict)  # {domain: [address, ...]}
+    ehlo_names: dict[str, Any] = field(default_factory=dict)  # {source address: EHLO name}
+    hosts: dict[str, Any] = field(default_factory=dict)  # {host name: [address, ...]}, before DNS
+    connect_attempts: int = 2
 
 
 @dataclass(frozen=True)
@@ -143,15 +147,68 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"config key network.address_strategy: expected one of {', '.join(ADDRESS_STRATEGIES)}"
         )
-    if isinstance(net.ip_strategy, str):
-        if net.ip_strategy not in IP_STRATEGIES:
-            raise ConfigError(f"config key network.ip_strategy: expected one of {', '.join(IP_STRATEGIES)}")
-    elif not isinstance(net.ip_strategy, list):
-        raise ConfigError("config key network.ip_strategy: expected a strategy name or a list of rules")
+    _validate_network(net)
     if config.upstream.ca_file is not None and not Path(config.upstream.ca_file).is_file():
         raise ConfigError(f"config key upstream.ca_file: no such file {config.upstream.ca_file}")
     if not (config.imap.listen or config.imap.starttls_listen):
         raise ConfigError("config key imap.listen: at least one IMAP listener is needed")
+
+
+def _addresses(key: str, value: Any) -> list[str]:
+    from gateway.net.addresses import normalize_pool
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"config key {key}: expected a list of IP addresses")
+    try:
+        return list(normalize_pool(value))
+    except ValueError as e:
+        raise ConfigError(f"config key {key}: {e}") from None
+
+
+def _mapping(key: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"config key {key}: expected a mapping with string keys")
+    return value
+
+
+def _validate_network(net: NetworkConfig) -> None:
+    """network.*: addresses, pools, strategies, proxy URL and no_proxy patterns."""
+    from gateway.net.addresses import normalize_address
+    from gateway.net.ipstrategy import ExpressionError, parse_strategy
+    from gateway.net.noproxy import NoProxy
+    from gateway.net.proxy import ProxySpec
+
+    _addresses("network.local_addresses", list(net.local_addresses))
+    for domain, pool in _mapping("network.domain_pools", net.domain_pools).items():
+        if "@" in domain or "." not in domain.strip("."):
+            raise ConfigError(f"config key network.domain_pools: {domain!r} is not an e-mail domain")
+        _addresses(f"network.domain_pools.{domain}", pool)
+    for address, name in _mapping("network.ehlo_names", net.ehlo_names).items():
+        try:
+            normalize_address(address)
+        except ValueError as e:
+            raise ConfigError(f"config key network.ehlo_names: {e}") from None
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ConfigError(f"config key network.ehlo_names.{address}: expected a host name")
+    for name, addresses in _mapping("network.hosts", net.hosts).items():
+        _addresses(f"network.hosts.{name}", addresses)
+    try:
+        parse_strategy(net.ip_strategy)
+    except ExpressionError as e:
+        raise ConfigError(f"config key network.ip_strategy: {e}") from None
+    if net.proxy is not None:
+        try:
+            ProxySpec.parse(net.proxy)
+        except ValueError as e:
+            raise ConfigError(f"config key network.proxy: {e}") from None
+    try:
+        NoProxy.parse(net.no_proxy)
+    except ValueError as e:
+        raise ConfigError(f"config key network.no_proxy: {e}") from None
+    if net.connect_attempts > 10:
+        raise ConfigError("config key network.connect_attempts: expected 1 to 10")
 
 
 def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:

@@ -15,6 +15,7 @@ from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGatewayFactory
 from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.net.connector import Connector
+from gateway.net.policy import check_configured, configured_addresses
 from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_description, server_options
 
 log = Logger()
@@ -58,12 +59,14 @@ def make_core(config: Config, reactor: Any) -> Core:
     from gateway.store import open_store
     from gateway.store.base import AsyncStore
 
+    check_configured(config.network)  # ConfigError when a source address is not on this machine
     ensure_certificate(config.tls.cert, config.tls.key)
     store = AsyncStore(open_store(config), reactor)
+    connector = Connector(reactor, config, store)
     tokens = TokenSource(store, reactor, margin=config.upstream.refresh_margin,
-                         timeout=config.upstream.connect_timeout)
-    return Core(config=config, reactor=reactor, store=store, tokens=tokens,
-                connector=Connector(reactor, config),
+                         timeout=config.upstream.connect_timeout, proxies_for=connector.requests_proxies)
+    reactor.callWhenRunning(connector.ehlo.warm, configured_addresses(config.network))
+    return Core(config=config, reactor=reactor, store=store, tokens=tokens, connector=connector,
                 server_tls=server_options(config.tls.cert, config.tls.key))
 
 
@@ -86,6 +89,7 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     for description in config.smtp.implicit_tls_listen:
         strports.service(listener_description(description, cert, key),
                          SMTPGatewayFactory(core, tls=True)).setServiceParent(top)
-    strports.service(config.api.listen, make_site(core.store, core.connections)).setServiceParent(top)
+    strports.service(config.api.listen, make_site(core.store, core.connections, core.connector.policy)
+                     ).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]
     return top

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run every test: installs the Debian packages the integration
-# tests start (Dovecot, offlineimap, swaks) when missing, the Python package
-# with its test extras, then runs pytest. Extra arguments go to pytest.
+# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel) when
+# missing, the Python package with its test extras, then runs pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,10 @@ command -v dovecot >/dev/null 2>&1 || need+=(dovecot-imapd)
 [ -x /usr/lib/dovecot/submission ] || need+=(dovecot-submissiond)
 command -v offlineimap >/dev/null 2>&1 || need+=(offlineimap)
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
+# Proxies for the network tests: Dante (SOCKS5), tinyproxy (HTTP CONNECT), stunnel (https:// proxy).
+[ -x /usr/sbin/danted ] || need+=(dante-server)
+command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
+command -v stunnel4 >/dev/null 2>&1 || need+=(stunnel4)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

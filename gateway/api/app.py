@@ -1,6 +1,6 @@
 """Admin API plumbing: routing, bearer-token auth, JSON errors and the body limit, as a `Site`.
 
-`make_site(store, connections)` is the only entry point. Handlers live in
+`make_site(store, connections, network)` is the only entry point. Handlers live in
 `gateway.api.resources`; this module turns their replies and exceptions into
 HTTP responses and never shows a traceback.
 """
@@ -125,10 +125,10 @@ class ApiResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, store: AsyncStore, connections: Any = None) -> None:
+    def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None) -> None:
         super().__init__()
         self.store = store
-        handlers = Handlers(store, connections)
+        handlers = Handlers(store, connections, network)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
 
     def render(self, request: server.Request) -> Any:  # type: ignore[override]
@@ -231,9 +231,10 @@ def _access_log_line(timestamp: str, request: server.Request) -> str:
     return http.combinedLogFormatter(timestamp, _RedactedRequest(request))  # type: ignore[arg-type]
 
 
-def make_site(store: AsyncStore, connections: Any = None) -> server.Site:
-    """The admin API as a Twisted Site; `connections` has `.snapshot() -> list[dict]` or is None."""
-    site = server.Site(ApiResource(store, connections), requestFactory=LimitedRequest,
+def make_site(store: AsyncStore, connections: Any = None, network: Any = None) -> server.Site:
+    """The admin API as a Twisted Site; `connections` has `.snapshot() -> list[dict]` or is None;
+    `network` is the `gateway.net.policy.NetworkPolicy` behind /v1/settings/network, or None."""
+    site = server.Site(ApiResource(store, connections, network), requestFactory=LimitedRequest,
                        timeout=REQUEST_TIMEOUT, logFormatter=_access_log_line)
     site.displayTracebacks = False
     site.noisy = False

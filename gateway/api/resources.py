@@ -88,9 +88,10 @@ Handler = Callable[[Call], Awaitable[Reply]]
 class Handlers:
     """The admin API's operations on one store (and optionally a live-connection registry)."""
 
-    def __init__(self, store: AsyncStore, connections: Any = None) -> None:
+    def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None) -> None:
         self.store = store
         self.connections = connections
+        self.network = network
 
     # OAuth2 apps -----------------------------------------------------------
 
@@ -136,7 +137,17 @@ class Handlers:
         account = await self.store.get_account(account_id)
         if account is None:
             raise NotFound(f"account {account_id} not found")
+        if self.network is not None:
+            account["network"] = await self.network.describe(account, await self._imap_host(account))
         return Reply(account)
+
+    async def _imap_host(self, account: dict[str, Any]) -> str | None:
+        """The account's IMAP host (its own, else its OAuth2 app's): no_proxy is matched on it."""
+        host = (account.get("imap") or {}).get("host")
+        if host is None and account.get("oauth2"):
+            app = await self.store.get_app(account["oauth2"].get("provider"))
+            host = ((app or {}).get("imap") or {}).get("host")
+        return host
 
     async def update_account(self, call: Call) -> Reply:
         """PUT /v1/account/{id} (merge; null removes a field) -> {account}"""
@@ -217,6 +228,25 @@ class Handlers:
             raise NotFound("token not found")
         return Reply({"deleted": True})
 
+    # Network settings ------------------------------------------------------
+
+    def _network(self) -> Any:
+        if self.network is None:
+            raise ApiError(404, "NotFound", "network settings are not available here")
+        return self.network
+
+    async def get_network(self, call: Call) -> Reply:
+        """GET /v1/settings/network -> stored overrides, gateway.yaml's values, effective pools"""
+        call.require_admin()
+        network = self._network()
+        return Reply(network.view(await network.settings()))
+
+    async def put_network(self, call: Call) -> Reply:
+        """PUT /v1/settings/network {addressStrategy?, localAddresses?, domainPools?, accountPools?}
+        (given keys replace the stored value; null returns to gateway.yaml's) -> the new view"""
+        call.require_admin()
+        return Reply(await self._network().update(call.json()))
+
     # Operations ------------------------------------------------------------
 
     async def list_connections(self, call: Call) -> Reply:
@@ -257,6 +287,8 @@ class Handlers:
             ("GET", "/v1/tokens", self.list_tokens, True),
             ("GET", "/v1/tokens/account/{id}", self.list_account_tokens, True),
             ("DELETE", "/v1/token/{token}", self.revoke_token, True),
+            ("GET", "/v1/settings/network", self.get_network, True),
+            ("PUT", "/v1/settings/network", self.put_network, True),
             ("GET", "/v1/connections", self.list_connections, True),
             ("GET", "/metrics", self.metrics, True),
             ("GET", "/health", self.health, False),

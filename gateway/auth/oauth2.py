@@ -47,7 +47,7 @@ class TokenSource:
 
     def __init__(self, store: Any, reactor: Any, *, margin: float = 120.0, timeout: float = 15.0,
                  clock: Callable[[], float] = time.time,
-                 proxies_for: Callable[[dict[str, Any]], dict[str, str] | None] | None = None) -> None:
+                 proxies_for: Callable[[dict[str, Any], str], dict[str, str] | None] | None = None) -> None:
         self._store = store
         self._reactor = reactor
         self._margin = margin
@@ -97,7 +97,8 @@ class TokenSource:
         app = await self._store.get_app(oauth.get("provider"), with_secret=True)
         if app is None or not app.get("tokenUrl"):
             raise RefreshError("account's OAuth2 app is missing or has no token URL")
-        proxies = self._proxies_for(account) if self._proxies_for else None
+        # (account, token URL): the URL's host decides whether no_proxy applies
+        proxies = self._proxies_for(account, app["tokenUrl"]) if self._proxies_for else None
         started = self._clock()
         try:
             token = await threads.deferToThreadPool(

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from gateway.auth.oauth2 import RefreshError
-from gateway.net.connector import Route
+from gateway.net.connector import ProxyError, Route
 from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
 
 log = Logger()
@@ -106,6 +106,8 @@ async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Cr
     try:
         proto, route = await core.connector.connect(
             target.host, target.port, Factory.forProtocol(leg.protocol), tls=target.secure, account=account)
+    except ProxyError as e:  # "proxy: SOCKS5 authentication refused" etc., safe to show
+        raise UpstreamError(str(e)) from None
     except (ConnectError, DNSLookupError, TxTimeoutError) as e:
         raise UpstreamError(f"cannot connect to {target}: {_reason(e)}") from None
     starttls = None if target.secure else core.connector.tls_options(target.host)

@@ -101,6 +101,8 @@ class Store(Protocol):
     def get_token(self, token_or_id: str) -> dict[str, Any] | None: ...
     def list_tokens(self, account: str | None = None) -> list[dict[str, Any]]: ...
     def revoke_token(self, token_or_id: str) -> bool: ...
+    def get_settings(self, name: str) -> dict[str, Any] | None: ...
+    def put_settings(self, name: str, data: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -192,3 +194,10 @@ class AsyncStore:
 
     def revoke_token(self, token_or_id: str) -> defer.Deferred[bool]:
         return self._call(self.sync.revoke_token, token_or_id)
+
+    # Settings
+    def get_settings(self, name: str) -> defer.Deferred[dict[str, Any] | None]:
+        return self._call(self.sync.get_settings, name)
+
+    def put_settings(self, name: str, data: dict[str, Any]) -> defer.Deferred[None]:
+        return self._call(self.sync.put_settings, name, data)

@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tokens_account ON tokens (account);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    updated REAL NOT NULL
+);
 """
 
 
@@ -335,3 +340,17 @@ class SQLiteStore:
             return False
         with self._tx() as db:
             return db.execute("DELETE FROM tokens WHERE id = ?", (record.id,)).rowcount > 0
+
+    # Settings --------------------------------------------------------------
+
+    def get_settings(self, name: str) -> dict[str, Any] | None:
+        """One named settings document (e.g. "network"), or None when never saved."""
+        rows = self._query("SELECT data FROM settings WHERE name = ?", (name,))
+        return json.loads(rows[0]["data"]) if rows else None
+
+    def put_settings(self, name: str, data: dict[str, Any]) -> None:
+        """Replace a named settings document (already validated by the caller)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO settings (name, data, updated) VALUES (?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE SET data = excluded.data, updated = excluded.updated",
+                       (name, json.dumps(data), self._clock()))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import netaddr
 
+from gateway.net.proxy import ProxySpec
 from gateway.store.base import ValidationError, iso_utc
 
 PROVIDERS: dict[str, dict[str, Any]] = {
@@ -49,7 +50,7 @@ ACCOUNT_SECRET_PATHS: tuple[tuple[str, ...], ...] = (
 )
 PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 # Fields a client may echo back from a GET view; ignored on input.
-_READ_ONLY = {"created", "updated", "state", "hasRefreshToken", "hasAccessToken", "id"}
+_READ_ONLY = {"created", "updated", "state", "hasRefreshToken", "hasAccessToken", "id", "network"}
 _ACCOUNT_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
 _MAX_TEXT = 4096
 
@@ -153,6 +154,10 @@ def _proxy(value: Any) -> str | None:
         parts.port
     except ValueError:
         raise ValidationError("proxy has an invalid port") from None
+    try:
+        ProxySpec.parse(text)
+    except ValueError as e:
+        raise ValidationError(f"proxy: {e}") from None
     return text
 
 

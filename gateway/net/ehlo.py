@@ -1,0 +1,136 @@
+"""The SMTP EHLO name for a source address: configured, else its PTR name, else smtp.hostname.
+
+PTR names come from `twisted.names.client` with a short timeout and are
+cached for an hour (also when there is none). Loopback, link-local and unspecified addresses are never
+looked up: their PTR names say nothing to a mail server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import netaddr
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from gateway.net import addresses
+
+log = Logger()
+
+PTR_TIMEOUT = 2.0
+CACHE_SECONDS = 3600.0
+MAX_CACHE = 4096
+PtrLookup = Callable[[str], Awaitable[str | None]]
+
+
+def _plain_name(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return bool(name) and len(name) <= 253 and all(
+        label and len(label) <= 63 and all(c.isalnum() or c == "-" for c in label) for label in labels)
+
+
+def twisted_names_ptr(reactor: Any, timeout: float = PTR_TIMEOUT) -> PtrLookup:
+    """A PTR lookup through twisted.names (the system's resolv.conf), one query with ``timeout``."""
+    from twisted.names import client, dns
+
+    resolver = client.createResolver(reactor=reactor)
+
+    async def lookup(address: str) -> str | None:
+        name = netaddr.IPAddress(address).reverse_dns.rstrip(".")
+        answers, _authority, _additional = await resolver.lookupPointer(name, timeout=(int(timeout) or 1,))
+        for record in answers:
+            if record.type == dns.PTR:
+                return str(record.payload.name)
+        return None
+
+    return lookup
+
+
+class EhloNames:
+    """EHLO name per source address: `network.ehlo_names`, else PTR, else the configured hostname.
+
+    `name_for` answers at once (SMTP logins must not wait on DNS): from the map,
+    from the PTR cache, else the hostname while a lookup starts in the
+    background for the next connection. `warm()` looks up the pool addresses at
+    start-up, so their PTR names are ready before the first SMTP login.
+    """
+
+    def __init__(self, reactor: Any, configured: Mapping[str, str], hostname: str,
+                 ptr: PtrLookup | None = None, timeout: float = PTR_TIMEOUT) -> None:
+        self._reactor = reactor
+        self._configured = {addresses.normalize_address(k): v for k, v in configured.items()}
+        self._hostname = hostname
+        self._ptr = ptr
+        self._timeout = timeout
+        self._cache: dict[str, tuple[str, float]] = {}
+        self._pending: dict[str, defer.Deferred[str]] = {}
+
+    def name_for(self, source: str | None) -> str:
+        """The EHLO name to use now for a connection that left from ``source``."""
+        address = self._address(source)
+        if address is None:
+            return self._hostname
+        configured = self._configured.get(address)
+        if configured:
+            return configured
+        if not self._worth_looking_up(address):
+            return self._hostname
+        cached = self._cache.get(address)
+        if cached is not None and cached[1] > self._reactor.seconds():
+            return cached[0]
+        self.lookup(address)
+        return self._hostname
+
+    def warm(self, sources: Iterable[str]) -> defer.Deferred[list[str]]:
+        """Start PTR lookups for ``sources`` (e.g. the configured pools); fires when all are done."""
+        wanted = [a for a in map(self._address, sources)
+                  if a is not None and a not in self._configured and self._worth_looking_up(a)]
+        return defer.gatherResults([self.lookup(a) for a in dict.fromkeys(wanted)])
+
+    def lookup(self, address: str) -> defer.Deferred[str]:
+        """Look up (once at a time per address) and cache the PTR name of ``address``."""
+        pending = self._pending.get(address)
+        if pending is not None:
+            result: defer.Deferred[str] = defer.Deferred()
+            pending.addBoth(lambda value: (result.callback(value), value)[1])
+            return result
+        running = defer.Deferred.fromCoroutine(self._lookup(address))
+        self._pending[address] = running
+
+        def store(name: str) -> str:
+            self._pending.pop(address, None)
+            if len(self._cache) >= MAX_CACHE:
+                self._cache.clear()
+            self._cache[address] = (name, self._reactor.seconds() + CACHE_SECONDS)
+            return name
+
+        running.addCallback(store)
+        return running
+
+    @staticmethod
+    def _address(source: str | None) -> str | None:
+        if not source:
+            return None
+        try:
+            return addresses.normalize_address(source)
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _worth_looking_up(address: str) -> bool:
+        ip = netaddr.IPAddress(address)
+        return not (ip.is_loopback() or ip.is_link_local() or int(ip) == 0)
+
+    async def _lookup(self, address: str) -> str:
+        if self._ptr is None:
+            self._ptr = twisted_names_ptr(self._reactor, self._timeout)
+        lookup = defer.ensureDeferred(self._ptr(address))
+        lookup.addTimeout(self._timeout, self._reactor)
+        try:
+            name = await lookup
+        except Exception as e:  # no PTR, NXDOMAIN, timeout: all mean "use the hostname"
+            log.debug("No PTR name for {address}: {error}", address=address, error=type(e).__name__)
+            return self._hostname
+        if not name or not _plain_name(name):
+            return self._hostname
+        return name.rstrip(".")
