@@ -94,7 +94,8 @@ class Connector:
         self._hosts = {name.lower().rstrip("."): normalize_pool([v] if isinstance(v, str) else v)
                        for name, v in network.hosts.items()}
         self._resolver = resolver
-        self._clock = clock or getattr(reactor, "seconds", time.monotonic)
+        self._clock: Callable[[], float] = clock if clock is not None else getattr(
+            reactor, "seconds", time.monotonic)
         self.ehlo = ehlo or EhloNames(reactor, network.ehlo_names, config.smtp.hostname)
 
     def tls_options(self, host: str) -> Any:
@@ -159,6 +160,9 @@ class Connector:
                        families: tuple[int, ...], deadline: float) -> tuple[IProtocol, Route]:
         """One attempt: each address of each family in order, until one connects."""
         proxy = plan.proxy
+        if proxy is not None and proxy.scheme == "https" and not tls:
+            raise ProxyError("STARTTLS upstreams (secure: false) cannot be reached through an https:// "
+                             "proxy; use implicit TLS or an http:// proxy")
         hop_host, hop_port = (proxy.host, proxy.port) if proxy else (host, port)
         try:
             found = await self._resolve(hop_host, deadline)

@@ -29,15 +29,20 @@ def _plain_name(name: str) -> bool:
         label and len(label) <= 63 and all(c.isalnum() or c == "-" for c in label) for label in labels)
 
 
-def twisted_names_ptr(reactor: Any, timeout: float = PTR_TIMEOUT) -> PtrLookup:
-    """A PTR lookup through twisted.names (the system's resolv.conf), one query with ``timeout``."""
+def twisted_names_ptr(reactor: Any, timeout: float = PTR_TIMEOUT,
+                      servers: list[tuple[str, int]] | None = None) -> PtrLookup:
+    """A PTR lookup through twisted.names: ``servers``, else those of /etc/resolv.conf."""
     from twisted.names import client, dns
 
-    resolver = client.createResolver(reactor=reactor)
+    if servers is not None:
+        resolver = client.Resolver(servers=servers, reactor=reactor)
+    else:
+        resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    seconds = (max(1, int(timeout)),)
 
     async def lookup(address: str) -> str | None:
         name = netaddr.IPAddress(address).reverse_dns.rstrip(".")
-        answers, _authority, _additional = await resolver.lookupPointer(name, timeout=(int(timeout) or 1,))
+        answers, _authority, _additional = await resolver.lookupPointer(name, timeout=seconds)
         for record in answers:
             if record.type == dns.PTR:
                 return str(record.payload.name)
@@ -63,7 +68,7 @@ class EhloNames:
         self._ptr = ptr
         self._timeout = timeout
         self._cache: dict[str, tuple[str, float]] = {}
-        self._pending: dict[str, defer.Deferred[str]] = {}
+        self._pending: dict[str, list[defer.Deferred[str]]] = {}
 
     def name_for(self, source: str | None) -> str:
         """The EHLO name to use now for a connection that left from ``source``."""
@@ -89,23 +94,22 @@ class EhloNames:
 
     def lookup(self, address: str) -> defer.Deferred[str]:
         """Look up (once at a time per address) and cache the PTR name of ``address``."""
-        pending = self._pending.get(address)
-        if pending is not None:
-            result: defer.Deferred[str] = defer.Deferred()
-            pending.addBoth(lambda value: (result.callback(value), value)[1])
+        waiters = self._pending.get(address)
+        result: defer.Deferred[str] = defer.Deferred()
+        if waiters is not None:
+            waiters.append(result)
             return result
-        running = defer.Deferred.fromCoroutine(self._lookup(address))
-        self._pending[address] = running
+        self._pending[address] = [result]
 
-        def store(name: str) -> str:
-            self._pending.pop(address, None)
+        def store(name: str) -> None:
             if len(self._cache) >= MAX_CACHE:
                 self._cache.clear()
             self._cache[address] = (name, self._reactor.seconds() + CACHE_SECONDS)
-            return name
+            for waiter in self._pending.pop(address, []):
+                waiter.callback(name)
 
-        running.addCallback(store)
-        return running
+        defer.Deferred.fromCoroutine(self._lookup(address)).addCallback(store)
+        return result
 
     @staticmethod
     def _address(source: str | None) -> str | None:
@@ -124,7 +128,7 @@ class EhloNames:
     async def _lookup(self, address: str) -> str:
         if self._ptr is None:
             self._ptr = twisted_names_ptr(self._reactor, self._timeout)
-        lookup = defer.ensureDeferred(self._ptr(address))
+        lookup: defer.Deferred[str | None] = defer.ensureDeferred(self._ptr(address))  # type: ignore[arg-type]
         lookup.addTimeout(self._timeout, self._reactor)
         try:
             name = await lookup

@@ -51,7 +51,7 @@ def describe_failure(error: BaseException) -> str:
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
-def _take_over(transport: Any, protocol: IProtocol) -> bool:
+def _take_over(transport: Any, protocol: Any) -> bool:
     """Make ``transport`` deliver to ``protocol`` directly; False when it cannot be rewired."""
     if isinstance(transport, TLSMemoryBIOProtocol):
         transport.wrappedProtocol = protocol
@@ -65,7 +65,9 @@ def _take_over(transport: Any, protocol: IProtocol) -> bool:
 class _Handshake(Protocol):
     """Speaks the proxy protocol until the tunnel is up, then steps aside."""
 
-    def __init__(self, machine: Handshake, factory: IProtocolFactory, done: defer.Deferred[IProtocol],
+    transport: Any
+
+    def __init__(self, machine: Handshake, factory: Any, done: defer.Deferred[IProtocol],
                  reactor: Any, timeout: float, label: str) -> None:
         self._machine = machine
         self._factory = factory
@@ -74,7 +76,7 @@ class _Handshake(Protocol):
         self._timeout = timeout
         self._label = label
         self._timer: Any = None
-        self._wrapped: IProtocol | None = None
+        self._wrapped: Any = None
 
     def connectionMade(self) -> None:
         self._timer = self._reactor.callLater(self._timeout, self._timed_out)

@@ -14,7 +14,10 @@ import imaplib
 import os
 import re
 import shutil
+import smtplib
+import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -135,7 +138,8 @@ def gw(dovecot, oauth2_provider) -> Iterator[Gateway]:
     """Static strategy over 127.0.0.2-4 and ::1; localhost pinned to both 127.0.0.1 and ::1."""
     yield from _gateway(dovecot, oauth2_provider, "gw-net-", local_addresses=POOL + ["::1"],
                         address_strategy="static", ip_strategy="ipv4_then_ipv6",
-                        hosts={"localhost": ["127.0.0.1", "::1"]})
+                        hosts={"localhost": ["127.0.0.1", "::1"]},
+                        ehlo_names={address: f"out{address.rsplit('.', 1)[1]}.gw.test" for address in POOL})
 
 
 @pytest.fixture(scope="module")
@@ -512,3 +516,107 @@ def test_global_proxy_no_proxy_bypass_and_oauth2_through_the_proxy(gw_proxied, d
     assert re.search(rf"account={via} .*proxy=http://{http.user}:\*\*\*@127\.0\.0\.1:{http.port} ",
                      gw_proxied.log_text())
     assert http.password not in gw_proxied.log_text()
+
+
+# SMTP ---------------------------------------------------------------------
+
+class EhloRecorder:
+    """A plaintext SMTP server that records (peer address, EHLO line) and then says 421."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.seen: list[tuple[str, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.sendall(b"220 recorder ESMTP\r\n")
+                    line = conn.recv(1024).split(b"\r\n")[0]
+                    self.seen.append((peer[0], line))
+                    conn.sendall(b"421 4.3.2 recorded, bye\r\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def smtp_login_error(gw: Gateway, account: str, token: str) -> smtplib.SMTPAuthenticationError:
+    conn = smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=30)
+    try:
+        conn.ehlo("client.example")
+        conn.starttls(context=gw.client_context())
+        conn.ehlo("client.example")
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            conn.login(account, token)
+        return info.value
+    finally:
+        conn.close()
+
+
+def fresh_access_account(gw: Gateway, new_email, prefix: str, **extra: Any) -> tuple[str, str, str]:
+    """An OAuth2 account that already holds a valid access token (no refresh before connecting)."""
+    email = new_email(prefix)
+    account = email.split("@")[0]
+    access, refresh = gw.provider.issue(email, access_lifetime=3600)
+    status, body = gw.api("POST", "/v1/account", {
+        "account": account, "email": email,
+        "oauth2": {"provider": gw.app_id, "auth": {"user": email}, "refreshToken": refresh,
+                   "accessToken": access, "expires": time.time() + 3600}, **extra})
+    assert status == 200, body
+    return account, email, gw.token(account, scopes=["smtp"])
+
+
+def test_smtp_ehlo_name_follows_the_source_address(gw, new_email):
+    """network.ehlo_names: the upstream SMTP server sees EHLO <name of the source address>, from
+    that address (the account's static pick)."""
+    recorder = EhloRecorder()
+    try:
+        account, _email, token = fresh_access_account(
+            gw, new_email, "ehlo", smtp={"host": "127.0.0.1", "port": recorder.port, "secure": False})
+        error = smtp_login_error(gw, account, token)
+        assert error.smtp_code == 454
+        source = rendezvous(account, POOL)
+        assert wait_for(lambda: bool(recorder.seen))
+        assert recorder.seen[0] == (source, f"EHLO out{source.rsplit('.', 1)[1]}.gw.test".encode())
+    finally:
+        recorder.close()
+
+
+def test_smtp_through_socks5_and_proxy_refusal_gives_454(gw, dovecot, proxies, new_email, smtp_sink):
+    """SMTP submission goes through the account's proxy too; a refusing proxy is 454 4.7.0 proxy: ..."""
+    dante = proxies["dante_auth"]
+    account, email, token = fresh_access_account(
+        gw, new_email, "smtps5", proxy=dante.url("socks5", PROXY_USER, PROXY_PASSWORD))
+    conn = smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=30)
+    try:
+        conn.ehlo("client.example")
+        conn.starttls(context=gw.client_context())
+        conn.ehlo("client.example")
+        code, _text = conn.login(account, token)
+        assert code == 235
+    finally:
+        conn.close()
+    assert wait_for(lambda: re.search(rf"SMTP login account={re.escape(account)} .*proxy=socks5://"
+                                      rf"{PROXY_USER}:\*\*\*@127\.0\.0\.1:{dante.port} result=ok",
+                                      gw.log_text()) is not None), gw.log_tail()
+
+    bad, _email2, token2 = fresh_access_account(
+        gw, new_email, "smtpbad", proxy=dante.url("socks5", PROXY_USER, "wrong-smtp-pass"))
+    error = smtp_login_error(gw, bad, token2)
+    assert error.smtp_code == 454
+    assert error.smtp_error.startswith(b"4.7.0 proxy: SOCKS5 authentication refused"), error.smtp_error
+    assert "wrong-smtp-pass" not in gw.log_text()

@@ -224,3 +224,10 @@ def test_requests_proxies_for_oauth2_honour_no_proxy():
     assert connector.requests_proxies(ACCOUNT, "http://127.0.0.1:8080/token") is None
     own = {**ACCOUNT, "proxy": "http://x:y@10.0.0.1:3128"}
     assert connector.requests_proxies(own, "https://oauth2.example/token")["https"] == "http://x:y@10.0.0.1:3128"
+
+
+def test_starttls_through_an_https_proxy_is_refused_clearly():
+    connector, reactor, _ = make({"proxy": "https://127.0.0.1:3129"})
+    with pytest.raises(ProxyError, match="STARTTLS upstreams .* cannot be reached through an https:// proxy"):
+        outcome(start(connector, ACCOUNT))
+    assert reactor.tcpClients == []

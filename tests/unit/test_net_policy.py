@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
@@ -195,3 +196,30 @@ def test_ehlo_warm_up_and_ptr_timeout():
     assert names.name_for("198.51.100.7") == "mail7.example.net"
     assert names.name_for("198.51.100.8") == "gw.example.net"
     assert ptr.asked == ["198.51.100.7", "198.51.100.8"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_names_ptr_lookup_against_a_loopback_dns_server():
+    """The real PTR path: twisted.names client -> a twisted.names server on 127.0.0.1 (UDP)."""
+    from twisted.internet import reactor
+    from twisted.names import common, dns, error, server
+
+    from gateway.net.ehlo import twisted_names_ptr
+
+    class PtrOnly(common.ResolverBase):
+        def _lookup(self, name, cls, type, timeout):  # noqa: A002 - twisted's signature
+            if type == dns.PTR and name == b"7.100.51.198.in-addr.arpa":
+                record = dns.RRHeader(name=name, type=dns.PTR, payload=dns.Record_PTR(b"mail7.example.net"))
+                return defer.succeed(([record], [], []))
+            return defer.fail(error.DomainError(name))
+
+    port = reactor.listenUDP(0, dns.DNSDatagramProtocol(server.DNSServerFactory(clients=[PtrOnly()])),
+                             interface="127.0.0.1")
+    try:
+        lookup = twisted_names_ptr(reactor, 2, servers=[("127.0.0.1", port.getHost().port)])
+        assert await lookup("198.51.100.7") == "mail7.example.net"
+        names = EhloNames(reactor, {}, "gw.example.net", ptr=lookup)
+        assert await names.warm(["198.51.100.7", "198.51.100.8"]) == ["mail7.example.net", "gw.example.net"]
+        assert names.name_for("198.51.100.7") == "mail7.example.net"
+    finally:
+        await port.stopListening()
