@@ -94,3 +94,33 @@ def smtp_sink(dovecot):
         yield sink
     finally:
         sink.stop()
+
+
+@pytest.fixture
+def smtp_upstream(dovecot, oauth2_provider):
+    """Factory of authenticating SMTP sinks that play a provider's submission
+    server for the gateway's upstream leg (see ``smtp_sink.py``): loopback,
+    ephemeral port, Dovecot's certificate (valid for localhost and 127.0.0.1,
+    issued by the CA the gateway trusts), implicit TLS (``tls="implicit"``) or
+    STARTTLS (``tls="starttls"``), AUTH XOAUTH2 checked against the test
+    provider's tokeninfo unless ``xoauth2=False``; other keyword arguments go
+    to :class:`SMTPSink` (``passwords=``, ``extensions=``, ``max_line=``...).
+    Every sink started is stopped when the test ends."""
+    from .smtp_sink import SMTPSink
+
+    started: list[SMTPSink] = []
+
+    def start(*, tls: str = "implicit", xoauth2: bool = True, **options) -> SMTPSink:
+        assert tls in ("implicit", "starttls"), tls
+        sink = SMTPSink(0, "127.0.0.1", tls_cert=(dovecot.cert_file, dovecot.key_file),
+                        starttls=tls == "starttls",
+                        auth_tokeninfo_url=oauth2_provider.tokeninfo_url if xoauth2 else None,
+                        **options)
+        started.append(sink.start())
+        return sink
+
+    try:
+        yield start
+    finally:
+        for sink in started:
+            sink.stop()
