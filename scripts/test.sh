@@ -19,13 +19,15 @@ if [ ${#need[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     # Keep the Debian package's own Dovecot service from starting: the tests
     # run their own instance from their own config file.
+    ours=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
         $SUDO chmod +x /usr/sbin/policy-rc.d
-        trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+        ours=1
     fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+    [ -z "$ours" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
 python3 -m pip install -q -e '.[test]'
