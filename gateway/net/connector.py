@@ -126,7 +126,10 @@ class Connector:
         Raises ProxyError (`proxy: ...`, safe to show) when a proxy refuses or
         cannot be reached, else Twisted's ConnectError / DNSLookupError.
         """
-        plan = await self.policy.plan(account, host)
+        try:
+            plan = await self.policy.plan(account, host)
+        except ValueError as e:  # a stored proxy URL that no longer parses
+            raise ProxyError(f"invalid proxy URL: {e}") from None
         deadline = self._clock() + self._timeout
         who = (account or {}).get("account", "-")
         via = f" via {plan.proxy.masked}" if plan.proxy else ""

@@ -231,3 +231,9 @@ def test_starttls_through_an_https_proxy_is_refused_clearly():
     with pytest.raises(ProxyError, match="STARTTLS upstreams .* cannot be reached through an https:// proxy"):
         outcome(start(connector, ACCOUNT))
     assert reactor.tcpClients == []
+
+
+def test_an_unparsable_stored_proxy_url_is_a_proxy_error():
+    connector, reactor, _ = make()
+    with pytest.raises(ProxyError, match="^proxy: invalid proxy URL: SOCKS4 proxies take a user ID"):
+        outcome(start(connector, {**ACCOUNT, "proxy": "socks4://u:p@127.0.0.1:1080"}))
