@@ -16,7 +16,7 @@ from gateway.imap.protocol import IMAPGatewayFactory
 from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.net.connector import Connector
 from gateway.net.policy import check_configured, configured_addresses
-from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_description, server_options
+from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_endpoint, server_options
 
 log = Logger()
 
@@ -77,18 +77,24 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     core = make_core(config, reactor)
     top = service.MultiService()
     StoreService(core.store).setServiceParent(top)
-    cert, key = config.tls.cert, config.tls.key
+
+
+    def listen(description: str, factory: Any, tls: bool) -> None:
+        """TLS listeners get the gateway's certificate, and `haproxy:ssl:` the PROXY header before TLS."""
+        parse_with = reactor
+        if tls:
+            description, parse_with = listener_endpoint(description, config.tls.cert, config.tls.key, reactor)
+        strports.service(description, factory, reactor=parse_with).setServiceParent(top)
+
     for description in config.imap.listen:
         tls = description.startswith(TLS_PREFIXES)
-        strports.service(listener_description(description, cert, key),
-                         IMAPGatewayFactory(core, tls=tls)).setServiceParent(top)
+        listen(description, IMAPGatewayFactory(core, tls=tls), tls)
     for description in config.imap.starttls_listen:
-        strports.service(description, IMAPGatewayFactory(core, tls=False)).setServiceParent(top)
+        listen(description, IMAPGatewayFactory(core, tls=False), False)
     for description in config.smtp.listen:
-        strports.service(description, SMTPGatewayFactory(core, tls=False)).setServiceParent(top)
+        listen(description, SMTPGatewayFactory(core, tls=False), False)
     for description in config.smtp.implicit_tls_listen:
-        strports.service(listener_description(description, cert, key),
-                         SMTPGatewayFactory(core, tls=True)).setServiceParent(top)
+        listen(description, SMTPGatewayFactory(core, tls=True), True)
     strports.service(config.api.listen, make_site(core.store, core.connections, core.connector.policy)
                      ).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]

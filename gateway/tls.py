@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -17,6 +18,8 @@ from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface optionsForClientTLS takes
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory  # the package exports only proxyEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 log = Logger()
@@ -115,3 +118,36 @@ def listener_description(description: str, cert_path: str, key_path: str) -> str
         return path.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
     return f"{description}:privateKey={quote(key_path)}:certKey={quote(cert_path)}"
+
+
+PROXY_TLS_PREFIX = "haproxy:ssl:"
+
+
+class ProxyHeaderThenTLS:
+    """The reactor an ``ssl:`` endpoint is parsed with for ``haproxy:ssl:``: PROXY header first, then TLS.
+
+    Twisted's ``haproxy:`` parser wraps the endpoint that follows it, so
+    ``haproxy:ssl:`` decrypts first and expects the PROXY header inside the TLS
+    stream. HAProxy sends it in clear before the client's ClientHello, and the
+    handshake fails on it. Here ``listenSSL`` listens on plain TCP with the
+    PROXY parser outermost and TLS inside it.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50,
+                  interface: str = "") -> Any:
+        tls = TLSMemoryBIOFactory(contextFactory, False, factory, clock=self._reactor)
+        return self._reactor.listenTCP(port, HAProxyWrappingFactory(tls), backlog=backlog, interface=interface)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def listener_endpoint(description: str, cert_path: str, key_path: str, reactor: Any) -> tuple[str, Any]:
+    """The endpoint string of a client-facing listener and the reactor to parse it with."""
+    description = listener_description(description, cert_path, key_path)
+    if description.startswith(PROXY_TLS_PREFIX):
+        return description[len("haproxy:"):], ProxyHeaderThenTLS(reactor)
+    return description, reactor

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run every test: installs the Debian packages the integration
-# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel) when
+# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel, HAProxy) when
 # missing, the Python package with its test extras, then runs pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,8 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 [ -x /usr/sbin/danted ] || need+=(dante-server)
 command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 command -v stunnel4 >/dev/null 2>&1 || need+=(stunnel4)
+# HAProxy in front of the gateway's PROXY-protocol listeners.
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

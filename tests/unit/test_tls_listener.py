@@ -1,0 +1,112 @@
+"""Client-facing TLS listeners: the certificate added, and `haproxy:ssl:` reading the PROXY header before TLS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.application import strports
+from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
+
+from gateway.tls import ProxyHeaderThenTLS, ensure_certificate, listener_endpoint
+
+# Twisted's `ssl:` endpoint parser builds its CertificateOptions from pyOpenSSL objects.
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+
+
+class Recorder(Protocol):
+    """Greets, then records what it receives and the peer it sees at that moment."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.peer: object = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"* OK ready\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self.peer = self.transport.getPeer()
+
+
+class HeaderThen(Protocol):
+    """What HAProxy does with `send-proxy`: the header in clear, then the client's own bytes (TLS)."""
+
+    def __init__(self, header: bytes, inner: Protocol) -> None:
+        self.header, self.inner = header, inner
+
+    def makeConnection(self, transport: object) -> None:
+        transport.write(self.header)  # type: ignore[attr-defined]
+        self.inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.inner.connectionLost(reason)
+
+
+def listen(description: str, tmp_path: Path) -> tuple[MemoryReactorClock, str, Factory]:
+    """Start a listener from ``description`` on a MemoryReactor; returns it, the string parsed, our factory."""
+    cert, key = str(tmp_path / "gw.pem"), str(tmp_path / "gw.key")
+    ensure_certificate(cert, key, hostname="localhost")
+    reactor = MemoryReactorClock()
+    parsed, parse_with = listener_endpoint(description, cert, key, reactor)
+    factory = Factory.forProtocol(Recorder)
+    strports.service(parsed, factory, reactor=parse_with).privilegedStartService()
+    return reactor, parsed, factory
+
+
+def test_ssl_listener_gets_the_gateway_certificate(tmp_path):
+    """`ssl:` without a key names the gateway's cert and key, and listens with the reactor's own TLS."""
+    reactor, parsed, factory = listen("ssl:2993:interface=127.0.0.1", tmp_path)
+    assert parsed.startswith("ssl:2993:interface=127.0.0.1:privateKey=") and ":certKey=" in parsed
+    port, listening, _ctx, _backlog, interface = reactor.sslServers[0]
+    assert (port, listening, interface) == (2993, factory, "127.0.0.1") and not reactor.tcpServers
+
+
+def test_haproxy_ssl_layers_proxy_outside_tls(tmp_path):
+    """`haproxy:ssl:` listens on plain TCP with the PROXY parser outermost and TLS inside it:
+    Twisted's own `haproxy:` parser would put TLS outside and expect the header inside TLS."""
+    reactor, parsed, factory = listen("haproxy:ssl:2993:interface=127.0.0.1", tmp_path)
+    assert parsed.startswith("ssl:2993:")
+    assert not reactor.sslServers
+    port, outer, _backlog, interface = reactor.tcpServers[0]
+    assert (port, interface) == (2993, "127.0.0.1")
+    assert isinstance(outer, HAProxyWrappingFactory)
+    assert isinstance(outer.wrappedFactory, TLSMemoryBIOFactory)
+    assert outer.wrappedFactory.wrappedFactory is factory
+
+
+def test_haproxy_ssl_accepts_header_in_clear_then_tls(tmp_path):
+    """Bytes as HAProxy sends them (PROXY v1 header in clear, then a TLS handshake) reach the
+    gateway protocol decrypted, and it sees the client's address from the header."""
+    reactor, _parsed, _factory = listen("haproxy:ssl:2993:interface=127.0.0.1", tmp_path)
+    server = reactor.tcpServers[0][1].buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    trust = ssl.Certificate.loadPEM((tmp_path / "gw.pem").read_bytes())
+    client_app = Recorder()
+    client_tls = TLSMemoryBIOFactory(ssl.optionsForClientTLS("localhost", trustRoot=trust), True,
+                                     Factory.forProtocol(lambda: client_app), clock=reactor).buildProtocol(None)
+    client = HeaderThen(b"PROXY TCP4 127.0.0.2 127.0.0.1 5555 2993\r\n", client_tls)
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
+                         clock=reactor)
+    pump.flush()
+    assert client_app.received == b"* OK ready\r\n"  # the server's greeting, through TLS
+    gateway_side = server.wrappedProtocol.wrappedProtocol
+    assert gateway_side.received == b"* OK ready\r\n"  # the client Recorder's greeting, decrypted
+    assert (gateway_side.peer.host, gateway_side.peer.port) == ("127.0.0.2", 5555)
+
+
+def test_other_listeners_are_parsed_unchanged(tmp_path):
+    """`haproxy:tcp:` and `tcp:` strings pass through as written, parsed with the real reactor."""
+    for description in ("haproxy:tcp:2143:interface=127.0.0.1", "tcp:2587"):
+        reactor = MemoryReactorClock()
+        assert listener_endpoint(description, "c.pem", "k.pem", reactor) == (description, reactor)
+    assert not isinstance(listener_endpoint("ssl:2993", "c.pem", "k.pem", MemoryReactorClock())[1],
+                          ProxyHeaderThenTLS)
