@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service, strports
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from gateway import __version__
@@ -95,7 +96,8 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
         listen(description, SMTPGatewayFactory(core, tls=False), False)
     for description in config.smtp.implicit_tls_listen:
         listen(description, SMTPGatewayFactory(core, tls=True), True)
-    strports.service(config.api.listen, make_site(core.store, core.connections, core.connector.policy)
-                     ).setServiceParent(top)
+    # A Site is a Factory, which provides IProtocolFactory through @implementer: invisible to mypy.
+    site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy))
+    strports.service(config.api.listen, site).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]
     return top

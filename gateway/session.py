@@ -20,6 +20,7 @@ from gateway.auth.tokens import TokenCheck
 from gateway.connections import LOGINS, Session
 from gateway.net.opener import Leg, Opened, open_upstream
 from gateway.net.relay import Coalescer, quickack, set_nodelay, tcp_socket
+from gateway.net.transport import transport_of
 from gateway.net.upstream import UpstreamError
 
 log = Logger()
@@ -91,7 +92,7 @@ class GatewaySession(Protocol):
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self._socket = tcp_socket(self.transport)
-        self.transport.write(self.machine.greeting())
+        transport_of(self).write(self.machine.greeting())
         self._timeout = self.core.reactor.callLater(self.settings.preauth_timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
@@ -121,10 +122,10 @@ class GatewaySession(Protocol):
             if self._gone:
                 return
             if isinstance(action, kinds.Send):
-                self.transport.write(action.data)
+                transport_of(self).write(action.data)
             elif isinstance(action, kinds.StartTLS):
                 self.machine.take_pending()  # plaintext pipelined behind STARTTLS is dropped
-                self.transport.startTLS(self.core.server_tls)
+                transport_of(self).startTLS(self.core.server_tls)
                 self.tls = True
                 self._perform(self.machine.tls_started())
             elif isinstance(action, kinds.Login):
@@ -135,25 +136,26 @@ class GatewaySession(Protocol):
                 self.start_relay()
                 self._resume()
             elif isinstance(action, kinds.Close):
-                self.transport.loseConnection()
+                transport_of(self).loseConnection()
 
     def _bound_pending(self) -> None:
         """While the upstream login runs, stop reading once the held bytes reach the limit."""
         if self.machine.state is self.actions.State.LOGGING_IN and not self._paused and \
                 self.machine.buffered >= self.settings.max_pending:
             self._paused = True
-            self.transport.pauseProducing()
+            transport_of(self).pauseProducing()
 
     def _resume(self) -> None:
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            transport_of(self).resumeProducing()
 
     def _expire(self) -> None:
         self._timeout = None
         if self.session is None and not self._gone:
-            self.transport.write(self.expired_text)
-            self.transport.loseConnection()
+            transport = transport_of(self)
+            transport.write(self.expired_text)
+            transport.loseConnection()
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -216,7 +218,7 @@ class GatewaySession(Protocol):
 
     def _upstream_closed(self) -> None:
         if not self._gone:
-            self.transport.loseConnection()
+            transport_of(self).loseConnection()
 
 
 class SessionFactory(Factory):

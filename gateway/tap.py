@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import cast
 
 from twisted.application import service
 from twisted.python import usage
@@ -25,7 +25,8 @@ def makeService(options: Options) -> service.IService:
 
     try:
         config = load_config(options["config"])
-        return make_service(config, reactor)
+        # MultiService provides IService through @implementer, which mypy cannot see.
+        return cast(service.IService, make_service(config, reactor))
     except ConfigError as e:
         sys.stderr.write(f"gateway: {e}\n")
         raise SystemExit(1)

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -103,7 +103,8 @@ class SystemPlusFile:
 
 def client_options(hostname: str, ca_file: str | None) -> IOpenSSLClientConnectionCreator:
     """Client TLS options that verify ``hostname`` (a name or an IP address)."""
-    return ssl.optionsForClientTLS(hostname, trustRoot=SystemPlusFile(ca_file))
+    # @implementer(IOpenSSLTrustRoot) is invisible to mypy (zope interfaces need a plugin).
+    return ssl.optionsForClientTLS(hostname, trustRoot=cast(IOpenSSLTrustRoot, SystemPlusFile(ca_file)))
 
 
 TLS_PREFIXES = ("ssl:", "haproxy:ssl:")

@@ -131,7 +131,7 @@ class ApiResource(resource.Resource):
         handlers = Handlers(store, connections, network)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
 
-    def render(self, request: server.Request) -> Any:  # type: ignore[override]
+    def render(self, request: server.Request) -> Any:
         gone: list[Failure] = []
         request.notifyFinish().addErrback(gone.append)
         d = defer.Deferred.fromCoroutine(self._respond(request, gone))
@@ -228,7 +228,7 @@ class _RedactedRequest:
 
 def _access_log_line(timestamp: str, request: server.Request) -> str:
     """Combined log format, minus any token secret in the path (DELETE /v1/token/<secret>)."""
-    return http.combinedLogFormatter(timestamp, _RedactedRequest(request))  # type: ignore[arg-type]
+    return http.combinedLogFormatter(timestamp, _RedactedRequest(request))
 
 
 def make_site(store: AsyncStore, connections: Any = None, network: Any = None) -> server.Site:

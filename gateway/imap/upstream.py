@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.auth.xoauth2 import decode_error, initial_response
 from gateway.net.opener import Leg
+from gateway.net.transport import transport_of
 from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
 
 __all__ = ["IMAP_LEG", "UpstreamIMAP", "capabilities_in", "login"]
@@ -46,7 +47,7 @@ class UpstreamIMAP(ResponseReader):
     async def command(self, line: bytes) -> tuple[bytes, list[bytes]]:
         """Send ``TAG line`` and collect untagged responses until the tagged one."""
         tag = self.next_tag()
-        self.transport.write(tag + b" " + line + b"\r\n")
+        transport_of(self).write(tag + b" " + line + b"\r\n")
         return await self.read_tagged(tag)
 
     async def read_tagged(self, tag: bytes) -> tuple[bytes, list[bytes]]:
@@ -105,7 +106,7 @@ async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: An
         tagged, _ = await proto.command(b"STARTTLS")
         if _status(tagged) != b"OK":
             raise UpstreamError(f"upstream STARTTLS failed: {_text(tagged)}")
-        proto.transport.startTLS(starttls_options)
+        transport_of(proto).startTLS(starttls_options)
         caps = None
     if caps is None:
         tagged, untagged = await proto.command(b"CAPABILITY")
@@ -134,9 +135,9 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tu
     initial = initial_response(creds.user, creds.secret)
     tag = proto.next_tag()
     if sasl_ir:
-        proto.transport.write(tag + b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n")
+        transport_of(proto).write(tag + b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n")
     else:
-        proto.transport.write(tag + b" AUTHENTICATE XOAUTH2\r\n")
+        transport_of(proto).write(tag + b" AUTHENTICATE XOAUTH2\r\n")
     sent_initial = sasl_ir
     untagged: list[bytes] = []
     while True:
@@ -147,12 +148,12 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tu
             untagged.append(response)
             continue
         if not sent_initial:
-            proto.transport.write(initial + b"\r\n")
+            transport_of(proto).write(initial + b"\r\n")
             sent_initial = True
             continue
         # A challenge after our token is the provider's error (base64 JSON); answer empty.
         detail = decode_error(response[1:].strip())
-        proto.transport.write(b"\r\n")
+        transport_of(proto).write(b"\r\n")
         tagged, more = await proto.read_tagged(tag)
         if detail and _status(tagged) != b"OK":
             raise UpstreamAuthError(f"upstream login failed: {_text(tagged)} {detail}".strip())

@@ -7,7 +7,7 @@ looked up: their PTR names say nothing to a mail server.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Callable, Coroutine, Iterable, Mapping
 
 import netaddr
 from twisted.internet import defer
@@ -20,7 +20,8 @@ log = Logger()
 PTR_TIMEOUT = 2.0
 CACHE_SECONDS = 3600.0
 MAX_CACHE = 4096
-PtrLookup = Callable[[str], Awaitable[str | None]]
+# A coroutine function or one returning a Deferred: what defer.ensureDeferred accepts.
+PtrLookup = Callable[[str], "Coroutine[Any, Any, str | None] | defer.Deferred[str | None]"]
 
 
 def _plain_name(name: str) -> bool:
@@ -128,7 +129,7 @@ class EhloNames:
     async def _lookup(self, address: str) -> str:
         if self._ptr is None:
             self._ptr = twisted_names_ptr(self._reactor, self._timeout)
-        lookup: defer.Deferred[str | None] = defer.ensureDeferred(self._ptr(address))  # type: ignore[arg-type]
+        lookup: defer.Deferred[str | None] = defer.ensureDeferred(self._ptr(address))
         lookup.addTimeout(self._timeout, self._reactor)
         try:
             name = await lookup

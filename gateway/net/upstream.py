@@ -12,6 +12,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from gateway.net.relay import set_nodelay
+from gateway.net.transport import transport_of
 
 MAX_RESPONSE = 256 * 1024
 
@@ -72,7 +73,7 @@ class ResponseReader(Protocol):
             self._responses.append(response)
         if len(self._buffer) > MAX_RESPONSE:
             self._buffer = b""
-            self.transport.loseConnection()
+            transport_of(self).loseConnection()
         if self._responses and self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             waiter.callback(self._responses.popleft())

@@ -6,6 +6,7 @@ from typing import Any
 
 from gateway.net.opener import Opened
 from gateway.net.relay import Coalescer, couple
+from gateway.net.transport import transport_of
 from gateway.session import GatewaySession, SessionFactory
 from gateway.smtp import preauth
 from gateway.smtp.filter import CloseBoth, RelayFilter, ToClient, ToUpstream, parse_ehlo
@@ -19,7 +20,9 @@ class _FromUpstream:
         self._session = session
 
     def write(self, data: bytes) -> None:
-        self._session.apply(self._session.filter.from_upstream(data))
+        relay_filter = self._session.filter
+        assert relay_filter is not None  # made in start_relay before relay_to hands us the upstream
+        self._session.apply(relay_filter.from_upstream(data))
 
     def flush(self) -> None:
         self._session.flush()
@@ -36,7 +39,7 @@ class SMTPGateway(GatewaySession):
 
     def __init__(self, core: Any, tls: bool) -> None:
         super().__init__(core, tls)
-        self.filter: RelayFilter | None = None  # type: ignore[assignment]
+        self.filter: RelayFilter | None = None
         self._to_client: Coalescer | None = None
         self._held = False
 
@@ -76,22 +79,24 @@ class SMTPGateway(GatewaySession):
         """Carry out the filter's actions, and hold the client while the filter holds too much."""
         for action in actions:
             if isinstance(action, ToUpstream):
-                self._to_upstream.write(action.data)  # type: ignore[union-attr]
+                assert self._to_upstream is not None  # the filter's actions come after start_relay
+                self._to_upstream.write(action.data)
             elif isinstance(action, ToClient):
-                self._to_client.write(action.data)  # type: ignore[union-attr]
+                assert self._to_client is not None
+                self._to_client.write(action.data)
             elif isinstance(action, CloseBoth):
                 self.flush()
-                self.transport.loseConnection()
+                transport_of(self).loseConnection()
                 if self.upstream is not None:
                     self.upstream.protocol.transport.loseConnection()
         if self.filter is None or self._gone:
             return
         if self.filter.should_pause_client and not self._held:
             self._held = True
-            self.transport.pauseProducing()
+            transport_of(self).pauseProducing()
         elif self._held and not self.filter.should_pause_client:
             self._held = False
-            self.transport.resumeProducing()
+            transport_of(self).resumeProducing()
 
     def flush(self) -> None:
         if self._to_client is not None:

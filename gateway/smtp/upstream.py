@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.auth.xoauth2 import decode_error, initial_response
 from gateway.net.opener import Leg
+from gateway.net.transport import transport_of
 from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
 
 __all__ = ["SMTP_LEG", "SMTPLogin", "UpstreamSMTP", "login"]
@@ -30,7 +31,7 @@ class UpstreamSMTP(ResponseReader):
             start = end + 1
 
     async def command(self, line: bytes) -> bytes:
-        self.transport.write(line + b"\r\n")
+        transport_of(self).write(line + b"\r\n")
         return await self.read_response()
 
 
@@ -81,7 +82,7 @@ async def login(proto: UpstreamSMTP, creds: Credentials, *, ehlo_name: str,
         reply = await proto.command(b"STARTTLS")
         if code(reply) != 220:
             raise UpstreamError(f"upstream STARTTLS failed: {text(reply)}")
-        proto.transport.startTLS(starttls_options)
+        transport_of(proto).startTLS(starttls_options)
         ehlo = await proto.command(b"EHLO " + name)
         if code(ehlo) != 250:
             raise UpstreamError(f"upstream EHLO refused: {text(ehlo)}")
