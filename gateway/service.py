@@ -99,5 +99,4 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     # A Site is a Factory, which provides IProtocolFactory through @implementer: invisible to mypy.
     site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy))
     strports.service(config.api.listen, site).setServiceParent(top)
-    top.core = core  # type: ignore[attr-defined]
     return top
