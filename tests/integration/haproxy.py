@@ -9,31 +9,24 @@ waits (bounded) until it accepts; `stop()` ends it.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 from .dovecot import free_port
+from .proxies import ServerProcess
 
 SEND_PROXY = {1: "send-proxy", 2: "send-proxy-v2"}
 
 
-class HAProxy:
+class HAProxy(ServerProcess):
     """`haproxy -db` from its own config; frontends added with :meth:`forward` before :meth:`start`."""
 
+    name = "haproxy"
+
     def __init__(self, workdir: Path) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir)  # self.port: a frontend that accepts and closes, to see it is up
         self.conf = self.workdir / "haproxy.cfg"
-        self.output = self.workdir / "haproxy.out"
-        self.host = "127.0.0.1"
-        self.ready_port = free_port()  # a frontend that accepts and closes: no backend is touched
         self.frontends: list[tuple[int, int, int]] = []  # (our port, gateway port, PROXY version)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def forward(self, backend_port: int, version: int) -> int:
         """A frontend port whose connections reach ``backend_port`` behind a PROXY v1/v2 header."""
@@ -52,7 +45,7 @@ defaults
     timeout client 60s
     timeout server 60s
 frontend ready
-    bind {self.host}:{self.ready_port}
+    bind {self.host}:{self.port}
     tcp-request connection reject
 """]
         for port, backend_port, version in self.frontends:
@@ -64,39 +57,10 @@ backend b{port}
 """)
         return "".join(parts)
 
+    def command(self) -> list[str]:
+        return [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(self.conf), "-db"]
+
     def start(self, timeout: float = 10.0) -> "HAProxy":
         self.conf.write_text(self.config())
-        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        with open(self.output, "ab") as out:
-            self.proc = subprocess.Popen([binary, "-f", str(self.conf), "-db"], cwd=self.workdir,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                socket.create_connection((self.host, self.ready_port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"haproxy did not listen within {timeout} s: {self.tail()}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-    def tail(self, lines: int = 20) -> str:
-        text = self.output.read_text(errors="replace") if self.output.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        super().start(timeout)
+        return self

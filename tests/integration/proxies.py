@@ -41,7 +41,7 @@ def ensure_proxy_user(name: str = PROXY_USER, password: str = PROXY_PASSWORD) ->
     subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True, capture_output=True)
 
 
-class _Process:
+class ServerProcess:
     """A server subprocess in its own session, started from files in ``workdir``."""
 
     name = "proxy"
@@ -58,7 +58,7 @@ class _Process:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 10.0) -> "_Process":
+    def start(self, timeout: float = 10.0) -> "ServerProcess":
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -97,7 +97,7 @@ class _Process:
         return "\n".join(text.splitlines()[-lines:])
 
 
-class Dante(_Process):
+class Dante(ServerProcess):
     """danted: SOCKS5, with (`auth=True`) or without username/password authentication."""
 
     name = "danted"
@@ -134,7 +134,7 @@ socks pass {{ from: 127.0.0.0/8 to: ::/0 log: error connect
         return [binary, "-f", str(self.conf), "-p", str(self.workdir / "danted.pid"), "-N", "1"]
 
 
-class Socks4(_Process):
+class Socks4(ServerProcess):
     """Twisted's SOCKSv4 server (understands SOCKS4a host names too), via `twistd socks`."""
 
     name = "socks4"
@@ -147,7 +147,7 @@ class Socks4(_Process):
                 f"--logfile={self.workdir / 'socks4.log'}", "socks", "-i", self.host, "-p", str(self.port)]
 
 
-class TinyProxy(_Process):
+class TinyProxy(ServerProcess):
     """tinyproxy with Basic auth; CONNECT allowed only to ``connect_ports`` (all when empty)."""
 
     name = "tinyproxy"
@@ -181,7 +181,7 @@ Group nogroup
         return [shutil.which("tinyproxy") or "/usr/bin/tinyproxy", "-d", "-c", str(self.conf)]
 
 
-class Stunnel(_Process):
+class Stunnel(ServerProcess):
     """stunnel4: TLS on its port, plaintext to ``backend_port`` (makes an https:// proxy)."""
 
     name = "stunnel"
