@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.auth.tokens import TokenCheck
+from gateway.auth.tokens import TokenCheck, looks_like_token
 from gateway.connections import LOGINS, Session
 from gateway.net.opener import Leg, Opened, open_upstream
 from gateway.net.relay import Coalescer, quickack, set_nodelay, tcp_socket
@@ -32,6 +32,19 @@ def peer_host(transport: Any) -> str:
         return str(getattr(transport.getPeer(), "host", "") or "")
     except Exception:
         return ""
+
+
+def loggable(name: str) -> str:
+    """A client-typed user name as it may appear in a log line.
+
+    Control characters are escaped (a literal can carry a newline: no forged
+    log lines), long names are cut, and a name shaped like a token (a client
+    with user and password swapped) is not written at all.
+    """
+    if looks_like_token(name):
+        return "<token-like user name>"
+    text = name[:100].encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(name) > 100 else "")
 
 
 def _login_timed_out(result: Any, timeout: float) -> Any:
@@ -194,9 +207,10 @@ class GatewaySession(Protocol):
         self.upstream = opened
         LOGINS.labels(self.name, "ok").inc()
         log.info("{proto} login account={account} client={client} upstream={upstream} source={source} "
-                 "proxy={proxy} result=ok ms={ms:.0f}", proto=self.name.upper(), account=action.username,
-                 client=client, upstream=str(opened.target), source=opened.route.source or "-",
-                 proxy=opened.route.proxy or "-", ms=(time.monotonic() - started) * 1000)
+                 "proxy={proxy} result=ok ms={ms:.0f}", proto=self.name.upper(),
+                 account=loggable(action.username), client=client, upstream=str(opened.target),
+                 source=opened.route.source or "-", proxy=opened.route.proxy or "-",
+                 ms=(time.monotonic() - started) * 1000)
         self.session = self.core.connections.open(
             self.name, action.username, client, str(opened.target), opened.route.source, opened.route.proxy)
         self._perform(self.login_succeeded(action, opened))
@@ -204,7 +218,7 @@ class GatewaySession(Protocol):
     def _fail(self, action: Any, text: bytes, result: str, reason: str = "") -> None:
         LOGINS.labels(self.name, result).inc()
         log.info("{proto} login account={account} client={client} upstream=- result={result} {reason}",
-                 proto=self.name.upper(), account=action.username, client=self.client,
+                 proto=self.name.upper(), account=loggable(action.username), client=self.client,
                  result=result, reason=reason)
         self._resume()
         self._perform(self.login_failed(action, text))

@@ -130,3 +130,13 @@ def test_arbitrary_input_never_crashes(chunks):
         proto.dataReceived(chunk)
     for line in transport.value().split(b"\r\n")[:-1]:
         assert line[:1] in (b"*", b"+") or b" BAD " in line or b" NO " in line or b" OK " in line, line
+
+
+def test_user_names_are_logged_safely():
+    """A user name with a newline cannot forge a log line; a token typed as user name is not logged."""
+    from gateway.session import loggable
+
+    assert loggable("alice") == "alice"
+    assert "\n" not in loggable("alice\nIMAP login account=admin result=ok")
+    assert loggable("a" * 64) == "<token-like user name>"
+    assert loggable("x" * 300).endswith("...") and len(loggable("x" * 300)) == 103
