@@ -12,19 +12,12 @@ login time for each path. Bounded: N x M logins per path.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
-from benchmarks.imap_fetch import cpu_seconds
-from tests.integration.dovecot import Dovecot
-from tests.integration.gateway_proc import Gateway
-from tests.integration.oauth2_provider import OAuth2Provider
+from benchmarks.stack import cpu_seconds, stack
 
 
 def run(clients: int, logins: int, login: Callable[[int], object]) -> tuple[float, list[float]]:
@@ -63,15 +56,8 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=10)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="gw-bench-logins-"))
-    os.chmod(root, 0o755)
-    (root / "dovecot").mkdir()
-    os.chmod(root / "dovecot", 0o755)
-    provider = OAuth2Provider().start()
-    dovecot = Dovecot(root / "dovecot", provider).start()
-    gw = Gateway(root / "gateway", dovecot, provider)
-    try:
-        gw.start()
+    with stack("gw-bench-logins-") as st:
+        provider, dovecot, gw = st.provider, st.dovecot, st.gateway
         emails = [f"conc{i}@example.com" for i in range(args.clients)]
         tokens = []
         for i, email in enumerate(emails):
@@ -96,11 +82,6 @@ def main() -> None:
         print("  " + describe("gateway", g_wall, g_times))
         print("  " + describe("direct ", d_wall, d_times))
         print(f"  gateway CPU: {cpu / len(g_times) * 1000:.1f} ms per login (client TLS + upstream TLS + token check)")
-    finally:
-        gw.stop()
-        dovecot.stop()
-        provider.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

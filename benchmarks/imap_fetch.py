@@ -13,22 +13,11 @@ relayed. Bounded: rounds and logins are fixed counts.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from tests.integration.dovecot import Dovecot
-from tests.integration.gateway_proc import Gateway
-from tests.integration.oauth2_provider import OAuth2Provider
+from benchmarks.stack import cpu_seconds, stack
 from tests.integration.test_imap_relay import big_message
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_fetch(conn) -> tuple[float, int]:
@@ -46,16 +35,8 @@ def main() -> None:
     parser.add_argument("--logins", type=int, default=20)
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    os.chmod(root, 0o755)
-    provider = OAuth2Provider().start()
-    dovecot = Dovecot(root / "dovecot", provider)
-    (root / "dovecot").mkdir()
-    os.chmod(root / "dovecot", 0o755)
-    dovecot.start()
-    gw = Gateway(root / "gateway", dovecot, provider)
-    try:
-        gw.start()
+    with stack("gw-bench-") as st:
+        provider, dovecot, gw = st.provider, st.dovecot, st.gateway
         email = "bench@example.com"
         gw.add_oauth_account("bench", email)
         token = gw.token("bench")
@@ -99,11 +80,6 @@ def main() -> None:
         print(f"FETCH {mb:.1f} MB, median of {args.rounds}: gateway {g*1000:.0f} ms ({mb/g:.0f} MB/s),"
               f" direct {d*1000:.0f} ms ({mb/d:.0f} MB/s), ratio gateway/direct throughput {d/g:.2f}x")
         print(f"gateway CPU: {cpu:.2f} s for {relayed/1e9:.2f} GB relayed = {cpu/(relayed/1e9):.2f} CPU s/GB")
-    finally:
-        gw.stop()
-        dovecot.stop()
-        provider.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,12 @@ the sink has every message) and the gateway's CPU seconds.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import smtplib
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.imap_fetch import cpu_seconds
-from tests.integration.dovecot import Dovecot, xoauth2_string
-from tests.integration.gateway_proc import Gateway
-from tests.integration.oauth2_provider import OAuth2Provider
+from benchmarks.stack import cpu_seconds, stack
+from tests.integration.dovecot import xoauth2_string
 from tests.integration.smtp_sink import SMTPSink
 
 
@@ -54,16 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     size = args.size_kb * 1024
 
-    root = Path(tempfile.mkdtemp(prefix="gw-bench-smtp-"))
-    os.chmod(root, 0o755)
-    (root / "dovecot").mkdir()
-    os.chmod(root / "dovecot", 0o755)
-    provider = OAuth2Provider().start()
-    dovecot = Dovecot(root / "dovecot", provider).start()
-    sink = SMTPSink(dovecot.submission_relay_port).start()
-    gw = Gateway(root / "gateway", dovecot, provider)
-    try:
-        gw.start()
+    with stack("gw-bench-smtp-", sink=True) as st:
+        provider, dovecot, gw, sink = st.provider, st.dovecot, st.gateway, st.sink
+        assert sink is not None
         email = "bench@example.com"
         gw.add_oauth_account("bench", email)
         token = gw.token("bench", scopes=["smtp"])
@@ -93,12 +80,6 @@ def main() -> None:
         print(f"{args.messages} messages of {args.size_kb} KB in one session, median of {args.rounds}: "
               f"gateway {g:.2f} s, direct {d:.2f} s, gateway/direct time {g/d:.2f}x")
         print(f"gateway CPU: {cpu:.2f} s for {sent} messages = {cpu/sent*1000:.1f} CPU ms per message")
-    finally:
-        gw.stop()
-        sink.stop()
-        dovecot.stop()
-        provider.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
