@@ -34,14 +34,20 @@ class RecordingStore:
         return defer.succeed((self.result, None))
 
 
-def connect(store: Any = None, tls: bool = True, **imap: Any) -> tuple[IMAPGateway, StringTransport, Any]:
-    config = load_config(overrides={"imap": imap} if imap else None)
+def connected(session_class: Any, section: str, store: Any, tls: bool, peer: str,
+              settings: dict[str, Any]) -> tuple[Any, StringTransport, Any]:
+    """A session of ``session_class`` on a StringTransport from ``peer``, with a fake clock."""
+    config = load_config(overrides={section: settings} if settings else None)
     core = SimpleNamespace(config=config, reactor=MemoryReactorClock(), store=store or RecordingStore(),
                            version="0.1", server_tls=None, connections=Connections())
-    proto = IMAPGateway(core, tls=tls)
-    transport = StringTransport(peerAddress=SimpleNamespace(host="192.0.2.7", port=5555))
+    proto = session_class(core, tls=tls)
+    transport = StringTransport(peerAddress=SimpleNamespace(host=peer, port=5555))
     proto.makeConnection(transport)
     return proto, transport, core
+
+
+def connect(store: Any = None, tls: bool = True, **imap: Any) -> tuple[IMAPGateway, StringTransport, Any]:
+    return connected(IMAPGateway, "imap", store, tls, "192.0.2.7", imap)
 
 
 def test_greeting_carries_capabilities():

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import base64
-from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 
 from gateway.auth.tokens import TokenCheck
-from gateway.config import load_config
-from gateway.connections import Connections
 from gateway.smtp.protocol import SMTPGateway
-from test_imap_protocol import RecordingStore
+from test_imap_protocol import RecordingStore, connected
 
 
 def connect(store: Any = None, tls: bool = True, **smtp: Any) -> tuple[SMTPGateway, StringTransport, Any]:
-    config = load_config(overrides={"smtp": smtp} if smtp else None)
-    core = SimpleNamespace(config=config, reactor=MemoryReactorClock(), store=store or RecordingStore(),
-                           version="0.1", server_tls=None, connections=Connections())
-    proto = SMTPGateway(core, tls=tls)
-    transport = StringTransport(peerAddress=SimpleNamespace(host="192.0.2.9", port=2525))
-    proto.makeConnection(transport)
-    return proto, transport, core
+    return connected(SMTPGateway, "smtp", store, tls, "192.0.2.9", smtp)
 
 
 def auth_plain(proto: SMTPGateway, user: str, token: str) -> None:
