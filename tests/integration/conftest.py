@@ -11,7 +11,9 @@ import itertools
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -30,6 +32,19 @@ def oauth2_provider():
         provider.stop()
 
 
+@contextmanager
+def _workdir(prefix: str, what: str) -> Iterator[Path]:
+    """A temporary directory, removed afterwards unless GW_KEEP_DOVECOT is set."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield workdir
+    finally:
+        if os.environ.get("GW_KEEP_DOVECOT"):
+            print(f"\n{what} workdir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def dovecot(oauth2_provider):
     if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
@@ -38,18 +53,14 @@ def dovecot(oauth2_provider):
             "Run the test command from README.md, which installs it "
             "(apt-get install -y dovecot-imapd dovecot-submissiond).",
             pytrace=False)
-    workdir = Path(tempfile.mkdtemp(prefix="gw-dovecot-"))
-    os.chmod(workdir, 0o755)
-    server = Dovecot(workdir, oauth2_provider)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        if os.environ.get("GW_KEEP_DOVECOT"):
-            print(f"\nDovecot workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with _workdir("gw-dovecot-", "Dovecot") as workdir:
+        os.chmod(workdir, 0o755)
+        server = Dovecot(workdir, oauth2_provider)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture
@@ -65,17 +76,13 @@ def gateway(dovecot, oauth2_provider):
     """The gateway (`twistd -n gateway`) with implicit TLS and STARTTLS listeners, upstream Dovecot."""
     from .gateway_proc import Gateway
 
-    workdir = Path(tempfile.mkdtemp(prefix="gw-gateway-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider)
-    try:
-        gw.start()
-        yield gw
-    finally:
-        gw.stop()
-        if os.environ.get("GW_KEEP_DOVECOT"):
-            print(f"\nGateway workdir kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with _workdir("gw-gateway-", "Gateway") as workdir:
+        gw = Gateway(workdir, dovecot, oauth2_provider)
+        try:
+            gw.start()
+            yield gw
+        finally:
+            gw.stop()
 
 
 @pytest.fixture(scope="session")
