@@ -23,6 +23,15 @@ class TLSConfig:
     key: str = "certs/gateway.key"
 
 
+ZERO_OK = {"zero_ok": True}  # field metadata: 0 is a valid value (it turns the feature off)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    idle_ttl: float = field(default=60.0, metadata=ZERO_OK)   # 0 turns pooling off
+    max_idle_per_account: int = field(default=2, metadata=ZERO_OK)
+
+
 @dataclass(frozen=True)
 class IMAPConfig:
     listen: tuple[str, ...] = ("ssl:2993",)
@@ -31,6 +40,9 @@ class IMAPConfig:
     preauth_timeout: float = 60.0
     login_timeout: float = 45.0
     max_pending: int = 1048576
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    max_connections_per_account: int = field(default=15, metadata=ZERO_OK)  # 0 = no cap
+    limit_wait: float = field(default=5.0, metadata=ZERO_OK)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ class SMTPConfig:
     preauth_timeout: float = 60.0
     login_timeout: float = 45.0
     max_pending: int = 262144
+    max_connections_per_account: int = field(default=10, metadata=ZERO_OK)  # 0 = no cap
+    limit_wait: float = field(default=5.0, metadata=ZERO_OK)
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,8 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
-def _check_type(path: str, value: Any, default: Any, hint: str) -> Any:
-    """Check one leaf value against the type its field declares."""
+def _check_type(path: str, value: Any, default: Any, hint: str, zero_ok: bool = False) -> Any:
+    """Check one leaf value against the type its field declares (``zero_ok``: 0 is allowed too)."""
     if hint.startswith("tuple"):
         if isinstance(value, str):
             value = [value]
@@ -95,12 +109,13 @@ def _check_type(path: str, value: Any, default: Any, hint: str) -> Any:
             raise ConfigError(f"config key {path}: expected true or false")
         return value
     if hint == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"config key {path}: expected a positive number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                (value == 0 and not zero_ok) or value != value or value == float("inf"):
+            raise ConfigError(f"config key {path}: expected a {'non-negative' if zero_ok else 'positive'} number")
         return float(value)
     if hint == "int":
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"config key {path}: expected a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(f"config key {path}: expected a {'non-negative' if zero_ok else 'positive'} integer")
         return value
     if hint == "str":
         if not isinstance(value, str) or not value:
@@ -133,7 +148,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
             values[name] = _build(f.default_factory, data[name], path)  # type: ignore[arg-type]
         else:
-            values[name] = _check_type(path, data[name], f.default, hint)
+            values[name] = _check_type(path, data[name], f.default, hint, bool(f.metadata.get("zero_ok")))
     return cls(**values)
 
 

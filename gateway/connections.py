@@ -17,7 +17,7 @@ class Session:
     """One relayed session, as listed by /v1/connections."""
 
     def __init__(self, registry: "Connections", protocol: str, account: str, client: str,
-                 upstream: str, source: str | None, proxy: str | None) -> None:
+                 upstream: str, source: str | None, proxy: str | None, pooled: bool = False) -> None:
         self._registry = registry
         self.id = next(registry._ids)
         self.protocol = protocol
@@ -26,6 +26,7 @@ class Session:
         self.upstream = upstream
         self.source = source
         self.proxy = proxy
+        self.pooled = pooled  # the upstream connection was reused from the pool
         self.started = time.time()
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
@@ -47,7 +48,7 @@ class Session:
         return {
             "id": self.id, "protocol": self.protocol, "account": self.account,
             "client": self.client, "upstream": self.upstream,
-            "localAddress": self.source, "proxy": self.proxy,
+            "localAddress": self.source, "proxy": self.proxy, "pooled": self.pooled,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "bytesToUpstream": self.bytes_to_upstream, "bytesToClient": self.bytes_to_client,
         }
@@ -61,8 +62,8 @@ class Connections:
         self._sessions: dict[int, Session] = {}
 
     def open(self, protocol: str, account: str, client: str, upstream: str,
-             source: str | None = None, proxy: str | None = None) -> Session:
-        session = Session(self, protocol, account, client, upstream, source, proxy)
+             source: str | None = None, proxy: str | None = None, pooled: bool = False) -> Session:
+        session = Session(self, protocol, account, client, upstream, source, proxy, pooled)
         self._sessions[session.id] = session
         SESSIONS.labels(protocol).inc()
         return session

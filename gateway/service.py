@@ -14,9 +14,14 @@ from gateway.auth.oauth2 import TokenSource
 from gateway.config import Config
 from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGatewayFactory
+from gateway.imap.upstream import IMAP_KEEPER, IMAP_LEG
 from gateway.smtp.protocol import SMTPGatewayFactory
+from gateway.smtp.upstream import SMTP_LEG
 from gateway.net.connector import Connector
+from gateway.net.opener import Leg, Opened, open_upstream
 from gateway.net.policy import check_configured, configured_addresses
+from gateway.net.pool import PoolSettings, UpstreamPool
+from gateway.session import SessionDeps
 from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_endpoint, server_options
 
 log = Logger()
@@ -24,7 +29,7 @@ log = Logger()
 
 @dataclass
 class Core:
-    """What every session needs: config, store, token source, connector, live sessions."""
+    """The running gateway's shared parts: config, store, token source, connector, pools, live sessions."""
 
     config: Config
     reactor: Any
@@ -34,10 +39,37 @@ class Core:
     server_tls: Any
     connections: Connections = field(default_factory=Connections)
     version: str = __version__
+    pools: dict[str, UpstreamPool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        imap, smtp = self.config.imap, self.config.smtp
+        self.pools["imap"] = UpstreamPool("imap", PoolSettings(
+            max_connections=imap.max_connections_per_account, limit_wait=imap.limit_wait,
+            idle_ttl=imap.pool.idle_ttl, max_idle=imap.pool.max_idle_per_account,
+        ), self.reactor, self._opener(IMAP_LEG), IMAP_KEEPER)
+        self.pools["smtp"] = UpstreamPool("smtp", PoolSettings(
+            max_connections=smtp.max_connections_per_account, limit_wait=smtp.limit_wait, idle_ttl=0,
+        ), self.reactor, self._opener(SMTP_LEG))
+
+    def _opener(self, leg: Leg) -> Any:
+        async def open_for(account: dict[str, Any]) -> Opened:
+            return await open_upstream(self, account, leg)
+        return open_for
 
     @property
     def imap_id(self) -> bytes:
         return b'("name" "gateway" "version" "' + self.version.encode() + b'")'
+
+    def session_deps(self, protocol: str) -> SessionDeps:
+        """What a client session of ``protocol`` ("imap" or "smtp") gets."""
+        return SessionDeps(reactor=self.reactor, settings=getattr(self.config, protocol), tokens=self.store,
+                           upstreams=self.pools[protocol], connections=self.connections,
+                           server_tls=self.server_tls, version=self.version)
+
+    def account_changed(self, account_id: str) -> None:
+        """An account was changed or deleted: its pooled connections must not serve it again."""
+        for pool in self.pools.values():
+            pool.forget(account_id)
 
 
 class StoreService(service.Service):
@@ -87,16 +119,18 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
             description, parse_with = listener_endpoint(description, config.tls.cert, config.tls.key, reactor)
         strports.service(description, factory, reactor=parse_with).setServiceParent(top)
 
+    imap, smtp = core.session_deps("imap"), core.session_deps("smtp")
     for description in config.imap.listen:
         tls = description.startswith(TLS_PREFIXES)
-        listen(description, IMAPGatewayFactory(core, tls=tls), tls)
+        listen(description, IMAPGatewayFactory(imap, tls=tls), tls)
     for description in config.imap.starttls_listen:
-        listen(description, IMAPGatewayFactory(core, tls=False), False)
+        listen(description, IMAPGatewayFactory(imap, tls=False), False)
     for description in config.smtp.listen:
-        listen(description, SMTPGatewayFactory(core, tls=False), False)
+        listen(description, SMTPGatewayFactory(smtp, tls=False), False)
     for description in config.smtp.implicit_tls_listen:
-        listen(description, SMTPGatewayFactory(core, tls=True), True)
+        listen(description, SMTPGatewayFactory(smtp, tls=True), True)
     # A Site is a Factory, which provides IProtocolFactory through @implementer: invisible to mypy.
-    site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy))
+    site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy,
+                                            account_changed=core.account_changed))
     strports.service(config.api.listen, site).setServiceParent(top)
     return top

@@ -1,15 +1,23 @@
-"""A client connection of either protocol: pre-auth machine, token check, upstream login, relay.
+"""A client connection of either protocol: pre-auth machine, token check, upstream lease, relay.
 
 The IMAP and SMTP protocols subclass :class:`GatewaySession` and fill in what
 differs: the pre-auth machine and its action classes, the token scope, the
-upstream leg, the reply texts and how the relay starts.
+reply texts, how the relay starts and whether the upstream may be reused.
+
+A session gets exactly what it uses (:class:`SessionDeps`): a token checker,
+an upstream source that lends it an authenticated upstream connection
+(:class:`gateway.net.pool.Lease`), the live-session registry, the clock.
+When the client is done, the lease goes back: ``release()`` when the
+protocol knows the upstream is clean, ``close()`` otherwise.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+from typing import Protocol as Interface
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
@@ -17,8 +25,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.auth.tokens import TokenCheck, looks_like_token
-from gateway.connections import LOGINS, Session
-from gateway.net.opener import Leg, Opened, open_upstream
+from gateway.connections import LOGINS, Connections, Session
+from gateway.net.opener import Opened
+from gateway.net.pool import Lease
 from gateway.net.relay import Coalescer, quickack, set_nodelay, tcp_socket
 from gateway.net.transport import transport_of
 from gateway.net.upstream import UpstreamError
@@ -47,6 +56,34 @@ def loggable(name: str) -> str:
     return text + ("..." if len(name) > 100 else "")
 
 
+class TokenChecker(Interface):
+    """Checks client tokens and finds accounts (the store)."""
+
+    def verify_token(self, secret: str, scope: str, peer_ip: str | None,
+                     account: str | None = None) -> defer.Deferred[Any]: ...
+
+    def get_account(self, account_id: str, with_secrets: bool = False) -> defer.Deferred[Any]: ...
+
+
+class UpstreamSource(Interface):
+    """Lends authenticated upstream connections (:class:`gateway.net.pool.UpstreamPool`)."""
+
+    async def acquire(self, account: dict[str, Any]) -> Lease: ...
+
+
+@dataclass
+class SessionDeps:
+    """What a client session of one protocol may use."""
+
+    reactor: Any
+    settings: Any                # IMAPConfig or SMTPConfig
+    tokens: TokenChecker
+    upstreams: UpstreamSource
+    connections: Connections
+    server_tls: Any              # the listener's TLS options, for STARTTLS
+    version: str = ""
+
+
 def _login_timed_out(result: Any, timeout: float) -> Any:
     if isinstance(result, Failure) and result.check(defer.CancelledError):
         raise UpstreamError(f"upstream login timed out after {timeout:.0f} s")
@@ -58,16 +95,18 @@ class GatewaySession(Protocol):
 
     name = ""            # "imap" | "smtp": logs, metrics and /v1/connections
     scope = ""           # the token scope this listener needs
-    leg: Leg
     actions: ModuleType  # the pre-auth module: its actions, State and reply texts
     expired_text = b""   # written when the pre-auth timeout fires
 
-    def __init__(self, core: Any, tls: bool) -> None:
-        self.core = core
+    def __init__(self, deps: SessionDeps, tls: bool) -> None:
+        self.deps = deps
+        self.reactor = deps.reactor
         self.tls = tls
-        self.settings = getattr(core.config, self.name)
+        self.settings = deps.settings
         self.machine = self.make_machine()
+        self.lease: Lease | None = None
         self.upstream: Opened | None = None
+        self._upstream_gone = False
         self.session: Session | None = None
         self.client = ""
         self._timeout: Any = None
@@ -101,12 +140,16 @@ class GatewaySession(Protocol):
     def relay_from_client(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def upstream_reusable(self) -> tuple[bool, bool]:
+        """(may the upstream serve another client, is a mailbox selected): never, unless a subclass knows."""
+        return False, False
+
     # Twisted callbacks
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self._socket = tcp_socket(self.transport)
         transport_of(self).write(self.machine.greeting())
-        self._timeout = self.core.reactor.callLater(self.settings.preauth_timeout, self._expire)
+        self._timeout = self.reactor.callLater(self.settings.preauth_timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
         quickack(self._socket)
@@ -123,10 +166,30 @@ class GatewaySession(Protocol):
         self._cancel_timeout()
         if self._login is not None:
             self._login.cancel()
-        if self.upstream is not None:
-            self.upstream.protocol.transport.loseConnection()
+        self.give_back_upstream()
         if self.session is not None:
             self.session.close()
+
+    def give_back_upstream(self) -> None:
+        """End the lease: release a clean upstream to the pool, close any other."""
+        lease, self.lease = self.lease, None
+        if lease is None:
+            return
+        up = lease.opened.protocol
+        if self._to_upstream is not None:
+            self._to_upstream.flush()
+        reusable, selected = self.upstream_reusable()
+        if self._upstream_gone or not reusable or up.transport is None:
+            lease.close()
+            return
+        up.take_back()
+        for transport in (self.transport, up.transport):  # undo couple(): neither drives the other now
+            try:
+                transport.unregisterProducer()  # type: ignore[union-attr]
+            except Exception:
+                pass
+        up.transport.resumeProducing()
+        lease.release(selected)
 
     # Actions from the machine
     def _perform(self, actions: list[Any]) -> None:
@@ -138,7 +201,7 @@ class GatewaySession(Protocol):
                 transport_of(self).write(action.data)
             elif isinstance(action, kinds.StartTLS):
                 self.machine.take_pending()  # plaintext pipelined behind STARTTLS is dropped
-                transport_of(self).startTLS(self.core.server_tls)
+                transport_of(self).startTLS(self.deps.server_tls)
                 self.tls = True
                 self._perform(self.machine.tls_started())
             elif isinstance(action, kinds.Login):
@@ -179,7 +242,7 @@ class GatewaySession(Protocol):
     async def _log_in(self, action: Any) -> None:
         self.client = client = peer_host(self.transport)
         started = time.monotonic()
-        check, _token = await self.core.store.verify_token(
+        check, _token = await self.deps.tokens.verify_token(
             action.password, self.scope, client or None, account=action.username)
         if self._gone:
             return
@@ -188,31 +251,33 @@ class GatewaySession(Protocol):
             self._fail(action, self.reply("denied" if denied else "invalid"),
                        "denied-address" if denied else "invalid-credentials")
             return
-        account = await self.core.store.get_account(action.username, with_secrets=True)
+        account = await self.deps.tokens.get_account(action.username, with_secrets=True)
         if self._gone:
             return
         if account is None:
             self._fail(action, self.reply("invalid"), "unknown-account")
             return
-        opening = defer.Deferred.fromCoroutine(open_upstream(self.core, account, self.leg))
-        opening.addTimeout(self.settings.login_timeout, self.core.reactor, onTimeoutCancel=_login_timed_out)
+        acquiring: defer.Deferred[Lease] = defer.ensureDeferred(self.deps.upstreams.acquire(account))
+        acquiring.addTimeout(self.settings.login_timeout, self.reactor, onTimeoutCancel=_login_timed_out)
         try:
-            opened = await opening
+            lease = await acquiring
         except UpstreamError as e:
             self._fail(action, self.reply("unavailable", str(e)), "unavailable", reason=str(e))
             return
         if self._gone:
-            opened.protocol.transport.loseConnection()
+            lease.release()  # fresh from a login or a resync: clean, nothing selected
             return
-        self.upstream = opened
+        self.lease = lease
+        self.upstream = opened = lease.opened
         LOGINS.labels(self.name, "ok").inc()
         log.info("{proto} login account={account} client={client} upstream={upstream} source={source} "
-                 "proxy={proxy} result=ok ms={ms:.0f}", proto=self.name.upper(),
+                 "proxy={proxy} result=ok ms={ms:.0f} pooled={pooled}", proto=self.name.upper(),
                  account=loggable(action.username), client=client, upstream=str(opened.target),
                  source=opened.route.source or "-", proxy=opened.route.proxy or "-",
-                 ms=(time.monotonic() - started) * 1000)
-        self.session = self.core.connections.open(
-            self.name, action.username, client, str(opened.target), opened.route.source, opened.route.proxy)
+                 pooled="yes" if lease.pooled else "no", ms=(time.monotonic() - started) * 1000)
+        self.session = self.deps.connections.open(
+            self.name, action.username, client, str(opened.target), opened.route.source, opened.route.proxy,
+            pooled=lease.pooled)
         self._perform(self.login_succeeded(action, opened))
 
     def _fail(self, action: Any, text: bytes, result: str, reason: str = "") -> None:
@@ -231,6 +296,7 @@ class GatewaySession(Protocol):
         return None
 
     def _upstream_closed(self) -> None:
+        self._upstream_gone = True
         if not self._gone:
             transport_of(self).loseConnection()
 
@@ -238,12 +304,12 @@ class GatewaySession(Protocol):
 class SessionFactory(Factory):
     """Makes one protocol class; ``tls`` says whether the listener is implicit TLS."""
 
-    def __init__(self, protocol: type[GatewaySession], core: Any, tls: bool) -> None:
+    def __init__(self, protocol: type[GatewaySession], deps: SessionDeps, tls: bool) -> None:
         self.session_class = protocol
-        self.core = core
+        self.deps = deps
         self.tls = tls
 
     def buildProtocol(self, addr: Any) -> GatewaySession:
-        proto = self.session_class(self.core, self.tls)
+        proto = self.session_class(self.deps, self.tls)
         proto.factory = self
         return proto

@@ -125,10 +125,11 @@ class ApiResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None) -> None:
+    def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None,
+                 account_changed: Any = None) -> None:
         super().__init__()
         self.store = store
-        handlers = Handlers(store, connections, network)
+        handlers = Handlers(store, connections, network, account_changed)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
 
     def render(self, request: server.Request) -> Any:
@@ -231,10 +232,12 @@ def _access_log_line(timestamp: str, request: server.Request) -> str:
     return http.combinedLogFormatter(timestamp, _RedactedRequest(request))
 
 
-def make_site(store: AsyncStore, connections: Any = None, network: Any = None) -> server.Site:
+def make_site(store: AsyncStore, connections: Any = None, network: Any = None,
+              account_changed: Any = None) -> server.Site:
     """The admin API as a Twisted Site; `connections` has `.snapshot() -> list[dict]` or is None;
-    `network` is the `gateway.net.policy.NetworkPolicy` behind /v1/settings/network, or None."""
-    site = server.Site(ApiResource(store, connections, network), requestFactory=LimitedRequest,
+    `network` is the `gateway.net.policy.NetworkPolicy` behind /v1/settings/network, or None;
+    `account_changed(account_id)` is told of every account changed or deleted (pooled upstreams)."""
+    site = server.Site(ApiResource(store, connections, network, account_changed), requestFactory=LimitedRequest,
                        timeout=REQUEST_TIMEOUT, logFormatter=_access_log_line)
     site.displayTracebacks = False
     site.noisy = False

@@ -88,10 +88,12 @@ Handler = Callable[[Call], Awaitable[Reply]]
 class Handlers:
     """The admin API's operations on one store (and optionally a live-connection registry)."""
 
-    def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None) -> None:
+    def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None,
+                 account_changed: Any = None) -> None:
         self.store = store
         self.connections = connections
         self.network = network
+        self.account_changed = account_changed or (lambda account_id: None)
 
     # OAuth2 apps -----------------------------------------------------------
 
@@ -154,6 +156,7 @@ class Handlers:
         account_id = call.params["id"]
         call.require_account(account_id)
         updated = await self.store.update_account(account_id, call.json())
+        self.account_changed(account_id)
         return Reply({"account": updated["account"]})
 
     async def delete_account(self, call: Call) -> Reply:
@@ -162,6 +165,7 @@ class Handlers:
         call.require_account(account_id)
         if not await self.store.delete_account(account_id):
             raise NotFound(f"account {account_id} not found")
+        self.account_changed(account_id)
         return Reply({"account": account_id, "deleted": True})
 
     async def list_accounts(self, call: Call) -> Reply:

@@ -1,28 +1,55 @@
-"""The client-facing IMAP protocol: the pre-auth machine's session, then a plain byte relay."""
+"""The client-facing IMAP protocol: the pre-auth machine's session, then a byte relay the tracker follows."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from gateway.imap import preauth
-from gateway.imap.upstream import IMAP_LEG
+from gateway.imap.tracker import Tracker
 from gateway.net.opener import Opened
 from gateway.net.relay import Coalescer, couple
-from gateway.session import GatewaySession, SessionFactory
+from gateway.net.transport import transport_of
+from gateway.session import GatewaySession, SessionDeps, SessionFactory
+
+
+class _Tracked:
+    """The upstream's bytes: shown to the tracker, then relayed unchanged (the sink ``relay_to`` writes to)."""
+
+    __slots__ = ("_tracker", "_sink")
+
+    def __init__(self, tracker: Tracker, sink: Coalescer) -> None:
+        self._tracker = tracker
+        self._sink = sink
+
+    def write(self, data: bytes) -> None:
+        self._tracker.from_server(data)
+        self._sink.write(data)
+
+    def flush(self) -> None:
+        self._sink.flush()
 
 
 class IMAPGateway(GatewaySession):
-    """One IMAP client: pre-auth answered here, then spliced to the upstream byte for byte."""
+    """One IMAP client: pre-auth answered here, then spliced to the upstream byte for byte.
+
+    A :class:`Tracker` follows the relayed bytes. A client ``LOGOUT`` at a
+    clean point (nothing in flight, no IDLE, COMPRESS or ENABLE used) is
+    answered here and the upstream connection goes back to the pool.
+    """
 
     name = "imap"
     scope = "imap-proxy"
-    leg = IMAP_LEG
     actions = preauth
     expired_text = b"* BYE Autologout; idle for too long\r\n"
 
+    def __init__(self, deps: SessionDeps, tls: bool) -> None:
+        super().__init__(deps, tls)
+        self.tracker: Tracker | None = None
+        self._to_client: Coalescer | None = None
+
     def make_machine(self) -> preauth.PreAuth:
         return preauth.PreAuth(tls=self.tls, allow_plaintext_login=self.settings.allow_plaintext_login,
-                               server_name=b"gateway", version=self.core.version.encode())
+                               server_name=b"gateway", version=self.deps.version.encode())
 
     def login_failed(self, action: preauth.Login, text: bytes) -> list[Any]:
         return self.machine.login_failed(action.tag, text)
@@ -34,22 +61,44 @@ class IMAPGateway(GatewaySession):
         """Upstream leftovers to the client, held client bytes upstream, then mutual producers."""
         assert self.upstream is not None and self.session is not None
         up = self.upstream.protocol
-        reactor = self.core.reactor
-        to_client = Coalescer(reactor, self.transport, self.session.to_client)
-        leftover = up.relay_to(to_client, self._upstream_closed)
+        reactor = self.reactor
+        self.tracker = tracker = Tracker()
+        self._to_client = to_client = Coalescer(reactor, self.transport, self.session.to_client)
+        leftover = up.relay_to(_Tracked(tracker, to_client), self._upstream_closed)
         if leftover:
+            tracker.from_server(leftover)
             to_client.write(leftover)
         self._to_upstream = Coalescer(reactor, up.transport, self.session.to_upstream)
+        couple(self.transport, up.transport)
         pending = self.machine.take_pending()
         if pending:
-            self._to_upstream.write(pending)
-        couple(self.transport, up.transport)
+            self.relay_from_client(pending)
 
     def relay_from_client(self, data: bytes) -> None:
-        assert self._to_upstream is not None
-        self._to_upstream.write(data)
+        assert self._to_upstream is not None and self.tracker is not None
+        at = self.tracker.from_client(data)
+        if at < 0:
+            self._to_upstream.write(data)
+            return
+        if at:
+            self._to_upstream.write(data[:at])
+        self._log_out(self.tracker.logout_tag)
+
+    def _log_out(self, tag: bytes) -> None:
+        """Answer the client's LOGOUT ourselves and give the clean upstream back."""
+        assert self._to_client is not None
+        self._to_client.write(b"* BYE Logging out\r\n" + tag + b" OK Logout completed\r\n")
+        self._to_client.flush()
+        self.give_back_upstream()
+        transport_of(self).loseConnection()
+
+    def upstream_reusable(self) -> tuple[bool, bool]:
+        tracker = self.tracker
+        if tracker is None:
+            return False, False
+        return tracker.reusable, tracker.selected
 
 
-def IMAPGatewayFactory(core: Any, tls: bool) -> SessionFactory:
+def IMAPGatewayFactory(deps: SessionDeps, tls: bool) -> SessionFactory:
     """Factory of IMAP sessions for one listener."""
-    return SessionFactory(IMAPGateway, core, tls)
+    return SessionFactory(IMAPGateway, deps, tls)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 from typing import Any
 
@@ -9,9 +11,11 @@ from typing import Any
 from gateway.auth.xoauth2 import decode_error, initial_response
 from gateway.net.opener import Leg
 from gateway.net.transport import transport_of
-from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
+from gateway.net.opener import Opened
+from gateway.net.throttle import throttle_delay
+from gateway.net.upstream import Credentials, ProviderThrottled, ResponseReader, UpstreamAuthError, UpstreamError
 
-__all__ = ["IMAP_LEG", "UpstreamIMAP", "capabilities_in", "login"]
+__all__ = ["IMAP_KEEPER", "IMAP_LEG", "IMAPKeeper", "UpstreamIMAP", "capabilities_in", "login"]
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
 _CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
@@ -44,11 +48,15 @@ class UpstreamIMAP(ResponseReader):
         self._tag += 1
         return b"G%d" % self._tag
 
-    async def command(self, line: bytes) -> tuple[bytes, list[bytes]]:
-        """Send ``TAG line`` and collect untagged responses until the tagged one."""
-        tag = self.next_tag()
+    def send(self, line: bytes, tag: bytes | None = None) -> bytes:
+        """Write ``TAG line`` without waiting; returns the tag."""
+        tag = tag or self.next_tag()
         transport_of(self).write(tag + b" " + line + b"\r\n")
-        return await self.read_tagged(tag)
+        return tag
+
+    async def command(self, line: bytes, tag: bytes | None = None) -> tuple[bytes, list[bytes]]:
+        """Send ``TAG line`` and collect untagged responses until the tagged one."""
+        return await self.read_tagged(self.send(line, tag))
 
     async def read_tagged(self, tag: bytes) -> tuple[bytes, list[bytes]]:
         untagged: list[bytes] = []
@@ -90,10 +98,22 @@ def _quoted(value: str) -> bytes:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def _check_throttled(responses: list[bytes]) -> None:
+    delay = throttle_delay(responses)
+    if delay is not None:
+        raise ProviderThrottled(delay)
+
+
 async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: Any = None,
                 gateway_id: bytes = b'("name" "gateway" "version" "0.1")') -> bytes:
-    """Drive a fresh upstream connection to the authenticated state; returns its capabilities."""
+    """Drive a fresh upstream connection to the authenticated state; returns its capabilities.
+
+    Round trips: the greeting (with capabilities, as Gmail, Microsoft 365 and
+    Dovecot send them), then our ID pipelined with AUTHENTICATE (ID is valid
+    before authentication, RFC 2971), and the capabilities from the tagged OK.
+    """
     greeting = await proto.read_response()
+    _check_throttled([greeting])
     if not greeting.upper().startswith(b"* OK"):
         raise UpstreamError(f"upstream greeting refused: {_text(greeting)}")
     caps = capabilities_in([greeting])
@@ -112,32 +132,44 @@ async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: An
         tagged, untagged = await proto.command(b"CAPABILITY")
         caps = capabilities_in(untagged) or b""
     words = caps.upper().split()
+    id_tag = proto.send(b"ID " + gateway_id) if b"ID" in words else None
 
     if creds.mechanism == "XOAUTH2":
-        tagged, untagged = await _xoauth2(proto, creds, sasl_ir=b"SASL-IR" in words)
+        tagged, untagged = await _xoauth2(proto, creds, sasl_ir=b"SASL-IR" in words, first=id_tag)
     else:
-        tagged, untagged = await proto.command(
-            b"LOGIN " + _quoted(creds.user) + b" " + _quoted(creds.secret))
+        tag = proto.send(b"LOGIN " + _quoted(creds.user) + b" " + _quoted(creds.secret))
+        if id_tag is not None:
+            await proto.read_tagged(id_tag)
+        tagged, untagged = await proto.read_tagged(tag)
+    _check_throttled(untagged + [tagged])
     if _status(tagged) != b"OK":
         raise UpstreamAuthError(f"upstream login failed: {_text(tagged)}")
     caps_after = capabilities_in(untagged + [tagged])
 
-    if b"ID" in words or (caps_after and b"ID" in caps_after.upper().split()):
-        await proto.command(b"ID " + gateway_id)
+    if id_tag is None and caps_after and b"ID" in caps_after.upper().split():
+        tagged, untagged = await proto.command(b"ID " + gateway_id)
+        _check_throttled(untagged + [tagged])
     if caps_after is None:
         tagged, untagged = await proto.command(b"CAPABILITY")
+        _check_throttled(untagged + [tagged])
         caps_after = capabilities_in(untagged) or b"IMAP4rev1"
     return caps_after
 
 
-async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tuple[bytes, list[bytes]]:
-    """AUTHENTICATE XOAUTH2; a failure challenge is answered empty and its JSON error reported."""
+async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool,
+                   first: bytes | None = None) -> tuple[bytes, list[bytes]]:
+    """AUTHENTICATE XOAUTH2; a failure challenge is answered empty and its JSON error reported.
+
+    ``first``: the tag of a command sent just before (our ID), whose answer comes first.
+    """
     initial = initial_response(creds.user, creds.secret)
     tag = proto.next_tag()
     if sasl_ir:
         transport_of(proto).write(tag + b" AUTHENTICATE XOAUTH2 " + initial + b"\r\n")
     else:
         transport_of(proto).write(tag + b" AUTHENTICATE XOAUTH2\r\n")
+    if first is not None:
+        await proto.read_tagged(first)
     sent_initial = sasl_ir
     untagged: list[bytes] = []
     while True:
@@ -155,6 +187,7 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool) -> tu
         detail = decode_error(response[1:].strip())
         transport_of(proto).write(b"\r\n")
         tagged, more = await proto.read_tagged(tag)
+        _check_throttled(untagged + more + [tagged])
         if detail and _status(tagged) != b"OK":
             raise UpstreamAuthError(f"upstream login failed: {_text(tagged)} {detail}".strip())
         return tagged, untagged + more
@@ -166,3 +199,38 @@ async def _leg_login(core: Any, proto: UpstreamIMAP, creds: Credentials, starttl
 
 IMAP_LEG = Leg("imap", UpstreamIMAP, tls_port=993, starttls_port=143, password_mechanism="LOGIN",
                login=_leg_login)
+
+
+_fresh = itertools.count(1)
+_PREFIX = os.urandom(3).hex().upper().encode()
+
+
+def fresh_tag() -> bytes:
+    """A tag no client of this process has been answered with: a random prefix and a counter."""
+    return b"GW%s%d" % (_PREFIX, next(_fresh))
+
+
+class IMAPKeeper:
+    """Resets a given-back IMAP connection to the authenticated state and resyncs it before reuse."""
+
+    async def reset(self, opened: Opened, selected: bool) -> None:
+        """UNSELECT when a mailbox is selected; an upstream without UNSELECT is not kept (CLOSE expunges)."""
+        if not selected:
+            return
+        if b"UNSELECT" not in bytes(opened.result).upper().split():
+            raise UpstreamError("a mailbox is selected and the upstream has no UNSELECT")
+        tagged, _ = await opened.protocol.command(b"UNSELECT", fresh_tag())
+        if _status(tagged) != b"OK":
+            raise UpstreamError(f"UNSELECT refused: {_text(tagged)}")
+
+    async def resync(self, opened: Opened) -> None:
+        """NOOP under a fresh tag, read to its tagged OK; only `* OK`/`* NO` notes may come before it."""
+        tagged, untagged = await opened.protocol.command(b"NOOP", fresh_tag())
+        if _status(tagged) != b"OK":
+            raise UpstreamError(f"NOOP answered {_text(tagged)}")
+        for response in untagged:
+            if response[:5].upper() not in (b"* OK ", b"* NO "):
+                raise UpstreamError(f"unexpected response to NOOP: {_text(response)}")
+
+
+IMAP_KEEPER = IMAPKeeper()

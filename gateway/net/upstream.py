@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,14 @@ class UpstreamError(Exception):
 
 class UpstreamAuthError(UpstreamError):
     """The upstream refused our credentials (token or password)."""
+
+
+class ProviderThrottled(UpstreamError):
+    """The provider asked us to back off this account for ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"Provider throttled this account, retry in {max(1, math.ceil(delay))} s")
+        self.delay = delay
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,17 @@ class ResponseReader(Protocol):
     def _forget_waiter(self, waiter: defer.Deferred[bytes]) -> None:
         if self._waiter is waiter:
             self._waiter = None
+
+    def on_close(self, callback: Any) -> None:
+        """Call ``callback()`` when the connection ends (replaces any earlier one)."""
+        self._on_close = callback
+
+    def take_back(self) -> None:
+        """Stop relaying: later bytes are read as responses again (a connection given back to a pool)."""
+        self._sink = None
+        self._on_close = None
+        self._buffer = b""
+        self._responses.clear()
 
     def relay_to(self, sink: Any, on_close: Any) -> bytes:
         """From now on every byte goes to ``sink.write``; returns what was read but not consumed.

@@ -7,10 +7,9 @@ from typing import Any
 from gateway.net.opener import Opened
 from gateway.net.relay import Coalescer, couple
 from gateway.net.transport import transport_of
-from gateway.session import GatewaySession, SessionFactory
+from gateway.session import GatewaySession, SessionDeps, SessionFactory
 from gateway.smtp import preauth
 from gateway.smtp.filter import CloseBoth, RelayFilter, ToClient, ToUpstream, parse_ehlo
-from gateway.smtp.upstream import SMTP_LEG
 
 
 class _FromUpstream:
@@ -33,12 +32,11 @@ class SMTPGateway(GatewaySession):
 
     name = "smtp"
     scope = "smtp"
-    leg = SMTP_LEG
     actions = preauth
     expired_text = b"421 4.4.2 Timeout waiting for authentication\r\n"
 
-    def __init__(self, core: Any, tls: bool) -> None:
-        super().__init__(core, tls)
+    def __init__(self, deps: SessionDeps, tls: bool) -> None:
+        super().__init__(deps, tls)
         self.filter: RelayFilter | None = None
         self._to_client: Coalescer | None = None
         self._held = False
@@ -57,7 +55,7 @@ class SMTPGateway(GatewaySession):
     def start_relay(self) -> None:
         assert self.upstream is not None and self.session is not None
         up = self.upstream.protocol
-        reactor = self.core.reactor
+        reactor = self.reactor
         self.filter = RelayFilter(parse_ehlo(self.upstream.result.ehlo),
                                   hostname=self.settings.hostname.encode("idna"),
                                   max_size=self.settings.max_message_size)
@@ -105,6 +103,6 @@ class SMTPGateway(GatewaySession):
             self._to_upstream.flush()
 
 
-def SMTPGatewayFactory(core: Any, tls: bool) -> SessionFactory:
+def SMTPGatewayFactory(deps: SessionDeps, tls: bool) -> SessionFactory:
     """Factory of SMTP sessions for one listener."""
-    return SessionFactory(SMTPGateway, core, tls)
+    return SessionFactory(SMTPGateway, deps, tls)

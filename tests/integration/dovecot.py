@@ -184,7 +184,7 @@ class Dovecot:
 
     def __init__(self, workdir: Path, provider: OAuth2Provider, *,
                  submission: bool = True, mail_user: str = MAIL_USER,
-                 auth_penalty: bool = False) -> None:
+                 auth_penalty: bool = False, max_connections: int | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.provider = provider
         self.submission_enabled = submission
@@ -195,6 +195,10 @@ class Dovecot:
         #: implies no-penalty), so the anvil-auth-penalty socket is made
         #: unconnectable (mode 0), which makes the auth process disable it.
         self.auth_penalty = auth_penalty
+        #: When set, limits are raised so that this many IMAP sessions can be
+        #: open at once, all of one user from one IP (benchmarks).  None keeps
+        #: Dovecot's defaults: 100 login processes, 10 sessions per user and IP.
+        self.max_connections = max_connections
         self.conf_path = self.workdir / "dovecot.conf"
         self.oauth2_conf_path = self.workdir / "dovecot-oauth2.conf.ext"
         self.passwd_path = self.workdir / "passwd"
@@ -256,6 +260,7 @@ service anvil {
   }
 }
 """
+        limits, login_limits = self._limits()
         protocols = "imap submission" if self.submission_enabled else "imap"
         submission = ""
         if self.submission_enabled:
@@ -332,12 +337,45 @@ service imap-login {{
   inet_listener imaps {{
     port = {self.imaps_port}
     ssl = yes
-  }}
+  }}{login_limits}
 }}
 {submission}
-"""
+{limits}"""
         self.conf_path.write_text(conf)
         os.chmod(self.conf_path, 0o644)
+
+    def _limits(self) -> tuple[str, str]:
+        """Config raising limits for ``max_connections`` sessions: (top-level text, imap-login lines).
+
+        Both empty without ``max_connections``.  Every implicit-TLS session
+        holds an imap-login process (its TLS proxy, one client each) and an
+        imap process; each of those keeps connections to anvil, auth, log and
+        config, whose client limits Dovecot checks against the process limits.
+        """
+        if self.max_connections is None:
+            return "", ""
+        n = self.max_connections
+        processes = n + 100  # per service: the sessions plus the default headroom
+        clients = 4 * processes
+        login = f"""
+  process_limit = {processes}
+  client_limit = 1"""
+        top = f"""# Raised for {n} simultaneous IMAP sessions (Dovecot(max_connections={n}))
+mail_max_userip_connections = {n}
+default_process_limit = {processes}
+default_client_limit = {clients}
+service imap {{
+  process_limit = {processes}
+  client_limit = 1
+}}
+service anvil {{
+  client_limit = {clients}
+}}
+service auth {{
+  client_limit = {clients}
+}}
+"""
+        return top, login
 
     def _write_passwd(self) -> None:
         lines = [f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self._passwords.items()]

@@ -177,18 +177,24 @@ def test_revoked_refresh_token_gives_unavailable(gateway, new_email, oauth2_prov
 
 
 def test_expiring_access_token_is_refreshed(gateway, new_email, oauth2_provider):
-    """An access token that expires between two logins is refreshed; both logins work."""
+    """An access token that expires between two logins is refreshed; both logins work.
+
+    The first session stays open, so the second login needs a new upstream
+    connection (a pooled one would need no token at all)."""
     email = new_email("expiring")
     account_id = email.split("@")[0]
     refresh = gateway.add_oauth_account(account_id, email)
     oauth2_provider.set_lifetime(refresh, 2.5)
     token = gateway.token(account_id)
+    conns = []
     for _ in range(2):
         conn = gateway.imap()
+        conns.append(conn)
         assert conn.login(account_id, token)[0] == "OK"
         assert conn.select("INBOX")[0] == "OK"
-        conn.logout()
         time.sleep(2.6)
+    for conn in conns:
+        conn.logout()
     assert oauth2_provider.refresh_count(refresh) == 2
     # The stored access token is the provider's newest one, and Dovecot accepted it.
     assert oauth2_provider.access_tokens_for(refresh)

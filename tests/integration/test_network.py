@@ -124,7 +124,8 @@ def v6_dovecot(dovecot, oauth2_provider) -> Iterator[Dovecot]:
 
 def _gateway(dovecot, provider, prefix: str, **network: Any) -> Iterator[Gateway]:
     workdir = _workdir(prefix)
-    gw = Gateway(workdir, dovecot, provider, network=network)
+    # Pooling off: these tests count one upstream connection (and source address) per login.
+    gw = Gateway(workdir, dovecot, provider, network=network, imap={"pool": {"idle_ttl": 0}})
     try:
         gw.start()
         yield gw

@@ -14,6 +14,7 @@ from gateway.auth.tokens import TokenCheck
 from gateway.config import load_config
 from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGateway
+from gateway.session import SessionDeps
 
 
 class RecordingStore:
@@ -34,12 +35,24 @@ class RecordingStore:
         return defer.succeed((self.result, None))
 
 
+class NoUpstreams:
+    """An upstream source for tests that never get that far: it records the accounts asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict[str, Any]] = []
+
+    async def acquire(self, account: dict[str, Any]) -> Any:
+        self.asked.append(account)
+        raise AssertionError("no upstream in this test")
+
+
 def connected(session_class: Any, section: str, store: Any, tls: bool, peer: str,
               settings: dict[str, Any]) -> tuple[Any, StringTransport, Any]:
     """A session of ``session_class`` on a StringTransport from ``peer``, with a fake clock."""
     config = load_config(overrides={section: settings} if settings else None)
-    core = SimpleNamespace(config=config, reactor=MemoryReactorClock(), store=store or RecordingStore(),
-                           version="0.1", server_tls=None, connections=Connections())
+    core = SessionDeps(reactor=MemoryReactorClock(), settings=getattr(config, section),
+                       tokens=store or RecordingStore(), upstreams=NoUpstreams(),
+                       connections=Connections(), server_tls=None, version="0.1")
     proto = session_class(core, tls=tls)
     transport = StringTransport(peerAddress=SimpleNamespace(host=peer, port=5555))
     proto.makeConnection(transport)
