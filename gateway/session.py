@@ -28,7 +28,7 @@ from gateway.auth.tokens import TokenCheck, looks_like_token
 from gateway.connections import LOGINS, Connections, Session
 from gateway.net.opener import Opened
 from gateway.net.pool import Lease
-from gateway.net.relay import Coalescer, quickack, set_nodelay, tcp_socket
+from gateway.net.relay import Coalescer, Coupling, quickack, set_nodelay, tcp_socket
 from gateway.net.transport import transport_of
 from gateway.net.upstream import UpstreamError
 
@@ -67,6 +67,10 @@ class TokenChecker(Interface):
 
 class UpstreamSource(Interface):
     """Lends authenticated upstream connections (:class:`gateway.net.pool.UpstreamPool`)."""
+
+    @property
+    def pooling(self) -> bool:
+        """Whether a released connection may serve a later client (else release means close)."""
 
     async def acquire(self, account: dict[str, Any]) -> Lease: ...
 
@@ -114,6 +118,7 @@ class GatewaySession(Protocol):
         self._paused = False
         self._gone = False
         self._to_upstream: Coalescer | None = None
+        self._coupling: Coupling | None = None
         self._socket: Any = None
 
     # What subclasses provide
@@ -140,9 +145,11 @@ class GatewaySession(Protocol):
     def relay_from_client(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def upstream_reusable(self) -> tuple[bool, bool]:
-        """(may the upstream serve another client, is a mailbox selected): never, unless a subclass knows."""
-        return False, False
+    def upstream_reusable(self) -> tuple[str, bool]:
+        """(why the upstream may not serve another client, or "" if it may; is a mailbox selected).
+
+        Never, unless a subclass follows the relayed stream and knows better."""
+        return "not followed", False
 
     # Twisted callbacks
     def connectionMade(self) -> None:
@@ -178,17 +185,20 @@ class GatewaySession(Protocol):
         up = lease.opened.protocol
         if self._to_upstream is not None:
             self._to_upstream.flush()
-        reusable, selected = self.upstream_reusable()
-        if self._upstream_gone or not reusable or up.transport is None:
+        why_not, selected = self.upstream_reusable()
+        if self._upstream_gone or up.transport is None:
+            why_not = "upstream closed"
+        if why_not:
+            if self.deps.upstreams.pooling:
+                log.info("{proto} upstream of account={account} closed, not reusable: {why}",
+                         proto=self.name.upper(), account=self.session.account if self.session else "-",
+                         why=why_not)
             lease.close()
             return
         up.take_back()
-        for transport in (self.transport, up.transport):  # undo couple(): neither drives the other now
-            try:
-                transport.unregisterProducer()  # type: ignore[union-attr]
-            except Exception:
-                pass
-        up.transport.resumeProducing()
+        if self._coupling is not None:
+            self._coupling.detach()
+            self._coupling = None
         lease.release(selected)
 
     # Actions from the machine

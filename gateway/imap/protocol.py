@@ -62,20 +62,26 @@ class IMAPGateway(GatewaySession):
         assert self.upstream is not None and self.session is not None
         up = self.upstream.protocol
         reactor = self.reactor
-        self.tracker = tracker = Tracker()
         self._to_client = to_client = Coalescer(reactor, self.transport, self.session.to_client)
-        leftover = up.relay_to(_Tracked(tracker, to_client), self._upstream_closed)
-        if leftover:
+        if self.deps.upstreams.pooling:
+            self.tracker = tracker = Tracker()
+            leftover = up.relay_to(_Tracked(tracker, to_client), self._upstream_closed)
             tracker.from_server(leftover)
+        else:  # nothing to keep: a plain relay, LOGOUT goes upstream
+            leftover = up.relay_to(to_client, self._upstream_closed)
+        if leftover:
             to_client.write(leftover)
         self._to_upstream = Coalescer(reactor, up.transport, self.session.to_upstream)
-        couple(self.transport, up.transport)
+        self._coupling = couple(self.transport, up.transport)
         pending = self.machine.take_pending()
         if pending:
             self.relay_from_client(pending)
 
     def relay_from_client(self, data: bytes) -> None:
-        assert self._to_upstream is not None and self.tracker is not None
+        assert self._to_upstream is not None
+        if self.tracker is None:
+            self._to_upstream.write(data)
+            return
         at = self.tracker.from_client(data)
         if at < 0:
             self._to_upstream.write(data)
@@ -92,11 +98,11 @@ class IMAPGateway(GatewaySession):
         self.give_back_upstream()
         transport_of(self).loseConnection()
 
-    def upstream_reusable(self) -> tuple[bool, bool]:
+    def upstream_reusable(self) -> tuple[str, bool]:
         tracker = self.tracker
         if tracker is None:
-            return False, False
-        return tracker.reusable, tracker.selected
+            return "pooling is off", False
+        return tracker.reason, tracker.selected
 
 
 def IMAPGatewayFactory(deps: SessionDeps, tls: bool) -> SessionFactory:

@@ -167,11 +167,9 @@ class PooledUpstream:
 
     @_machine.output()
     def _shut(self, reason: str) -> None:
-        if self.opened is not None:
-            transport = self.opened.protocol.transport
-            if transport is not None:
-                transport.abortConnection()
-        self.pool._closed(self, reason)
+        self.pool._closed(self, reason)  # first: the slot is free whatever happens below
+        if self.opened is not None and not self.opened.protocol.closed:
+            self.opened.protocol.transport.abortConnection()
 
     connecting.upon(logged_in, enter=leased, outputs=[_keep])
     leased.upon(give_back, enter=resetting, outputs=[])
@@ -243,13 +241,21 @@ class UpstreamPool:
         self._check_backoff(account_id)
         print_ = fingerprint(account)
         self._forget_changed(account_id, print_)
-        deadline = self.reactor.seconds() + self.settings.limit_wait
+        now = self.reactor.seconds()
+        deadline = now + self.settings.limit_wait
+        reset_deadline = now + self.settings.resync_timeout
         while True:
             conn = self._take_idle(account_id)
             if conn is not None:
                 if await self._resync(conn):
                     POOL.labels(self.protocol, "hit").inc()
                     return Lease(conn, pooled=True)
+                continue
+            now = self.reactor.seconds()
+            if now < reset_deadline and any(c.state == "resetting" for c in self._conns.get(account_id, ())):
+                # A client just logged out (a script's next run, a client reconnecting):
+                # its connection is idle after one UNSELECT; that beats a new login.
+                await self._wait(account_id, reset_deadline - now)
                 continue
             cap = self.settings.max_connections
             if not cap or len(self._conns.get(account_id, ())) < cap:

@@ -52,15 +52,62 @@ def quickack(sock: socket.socket | None) -> None:
             pass
 
 
-def couple(a: Any, b: Any) -> None:
-    """Make each transport the other's streaming producer.
+class _Forward:
+    """A push producer that passes pause and resume on to a transport until detached.
+
+    Registered in place of the transport itself, so that when the consumer's
+    connection ends, its ``stopProducing()`` does not close the other leg:
+    the session decides that (an upstream may go back to the pool).
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def pauseProducing(self) -> None:
+        if self.target is not None:
+            self.target.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.target is not None:
+            self.target.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Coupling:
+    """Each of two transports the other's streaming producer, undone by :meth:`detach`.
 
     When ``a``'s write buffer fills up, reading from ``b`` pauses until it
     drains, and the other way round, so a slow reader never makes the gateway
     buffer more than the transports' own write buffers.
     """
-    a.registerProducer(b, True)
-    b.registerProducer(a, True)
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self._a, self._b = a, b
+        self._to_a, self._to_b = _Forward(b), _Forward(a)
+        a.registerProducer(self._to_a, True)
+        b.registerProducer(self._to_b, True)
+
+    def detach(self) -> None:
+        """Neither drives the other any more; both are left reading."""
+        self._to_a.target = self._to_b.target = None
+        for transport in (self._a, self._b):
+            try:
+                transport.unregisterProducer()
+            except Exception:  # a transport whose connection is already gone
+                pass
+            try:
+                transport.resumeProducing()
+            except Exception:
+                pass
+
+
+def couple(a: Any, b: Any) -> Coupling:
+    """Make each transport the other's streaming producer (see :class:`Coupling`)."""
+    return Coupling(a, b)
 
 
 class Coalescer:

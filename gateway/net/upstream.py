@@ -111,6 +111,11 @@ class ResponseReader(Protocol):
         if self._waiter is waiter:
             self._waiter = None
 
+    @property
+    def closed(self) -> bool:
+        """The connection has ended."""
+        return self._closed is not None
+
     def on_close(self, callback: Any) -> None:
         """Call ``callback()`` when the connection ends (replaces any earlier one)."""
         self._on_close = callback

@@ -64,7 +64,7 @@ class SMTPGateway(GatewaySession):
         leftover = up.relay_to(_FromUpstream(self), self._upstream_closed)
         if leftover:
             self.apply(self.filter.from_upstream(leftover))
-        couple(self.transport, up.transport)
+        self._coupling = couple(self.transport, up.transport)
         pending = self.machine.take_pending()
         if pending:
             self.relay_from_client(pending)

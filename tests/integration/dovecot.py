@@ -330,6 +330,12 @@ namespace inbox {{
   separator = /
 }}
 
+# COMPRESS=DEFLATE (RFC 4978), so the tests can see what the gateway does with it.
+mail_plugins = $mail_plugins zlib
+protocol imap {{
+  mail_plugins = $mail_plugins imap_zlib
+}}
+
 service imap-login {{
   inet_listener imap {{
     port = {self.imap_port}

@@ -279,12 +279,15 @@ def test_revoked_access_token_is_refreshed_once_and_retried(gateway, new_email, 
     account_id = email.split("@")[0]
     refresh = gateway.add_oauth_account(account_id, email)
     token = gateway.token(account_id)
-    assert b"a1 OK" in raw_login(gateway, account_id, token)
+    first = gateway.raw()  # held open, so the second login needs a new upstream connection
+    first.sendall(b"a1 LOGIN " + account_id.encode() + b" " + token.encode() + b"\r\n")
+    assert b"a1 OK" in read_until(first, b"a1 ")
     assert oauth2_provider.refresh_count(refresh) == 1
     for access in oauth2_provider.access_tokens_for(refresh):
         oauth2_provider.revoke_access(access)
     assert b"a1 OK" in raw_login(gateway, account_id, token)
     assert oauth2_provider.refresh_count(refresh) == 2
+    first.close()
 
 
 def test_upstream_refusal_reports_the_providers_error(gateway, new_email, oauth2_provider):

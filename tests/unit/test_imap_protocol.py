@@ -38,6 +38,8 @@ class RecordingStore:
 class NoUpstreams:
     """An upstream source for tests that never get that far: it records the accounts asked for."""
 
+    pooling = False
+
     def __init__(self) -> None:
         self.asked: list[dict[str, Any]] = []
 
