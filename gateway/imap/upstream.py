@@ -59,11 +59,14 @@ class UpstreamIMAP(ResponseReader):
         return await self.read_tagged(self.send(line, tag))
 
     async def read_tagged(self, tag: bytes) -> tuple[bytes, list[bytes]]:
+        """Untagged responses until the tagged one; a BYE asking us to back off raises at once."""
         untagged: list[bytes] = []
         while True:
             response = await self.read_response()
             if response.startswith(tag + b" "):
                 return response, untagged
+            if response[:5].upper() == b"* BYE":
+                _check_throttled([response])
             untagged.append(response)
 
 
@@ -80,7 +83,7 @@ def capabilities_in(responses: list[bytes]) -> bytes | None:
 
 
 def _status(tagged: bytes) -> bytes:
-    parts = tagged.split(b" ", 2)
+    parts = tagged.rstrip(b"\r\n").split(b" ", 2)
     return parts[1].upper() if len(parts) > 1 else b""
 
 
@@ -177,6 +180,8 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool,
         if response.startswith(tag + b" "):
             return response, untagged
         if not response.startswith(b"+"):
+            if response[:5].upper() == b"* BYE":
+                _check_throttled([response])
             untagged.append(response)
             continue
         if not sent_initial:
@@ -226,11 +231,11 @@ class IMAPKeeper:
     async def resync(self, opened: Opened) -> None:
         """NOOP under a fresh tag, read to its tagged OK; only `* OK`/`* NO` notes may come before it."""
         tagged, untagged = await opened.protocol.command(b"NOOP", fresh_tag())
-        if _status(tagged) != b"OK":
-            raise UpstreamError(f"NOOP answered {_text(tagged)}")
         for response in untagged:
             if response[:5].upper() not in (b"* OK ", b"* NO "):
                 raise UpstreamError(f"unexpected response to NOOP: {_text(response)}")
+        if _status(tagged) != b"OK":
+            raise UpstreamError(f"NOOP answered {_text(tagged)}")
 
 
 IMAP_KEEPER = IMAPKeeper()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
@@ -154,7 +153,7 @@ class PooledUpstream:
 
     @_machine.output()
     def _enter_idle(self) -> None:
-        self.idle_since = time.monotonic()
+        self.idle_since = self.pool.reactor.seconds()
         self._expiry = self.pool.reactor.callLater(self.pool.settings.idle_ttl, self.close, "idle TTL")
         assert self.opened is not None
         self.opened.protocol.on_close(lambda: self.close("upstream closed while idle"))
@@ -225,7 +224,7 @@ class UpstreamPool:
         self.keeper = keeper
         self._conns: dict[str, list[PooledUpstream]] = {}      # account -> every counted connection
         self._waiters: dict[str, deque[defer.Deferred[None]]] = {}
-        self._backoff: dict[str, float] = {}                    # account -> monotonic time it ends
+        self._backoff: dict[str, float] = {}                    # account -> reactor time it ends
         self._busy = CONNECTIONS.labels(protocol, "busy")
         self._idle = CONNECTIONS.labels(protocol, "idle")
 
@@ -283,7 +282,7 @@ class UpstreamPool:
 
     def back_off(self, account_id: str, delay: float) -> None:
         """Refuse logins of this account for ``delay`` seconds (the provider throttled it)."""
-        until = time.monotonic() + delay
+        until = self.reactor.seconds() + delay
         if until > self._backoff.get(account_id, 0.0):
             self._backoff[account_id] = until
         log.info("{proto} provider throttled account={account}; backing off {delay:.1f} s",
@@ -295,7 +294,7 @@ class UpstreamPool:
         until = self._backoff.get(account_id)
         if until is None:
             return
-        left = until - time.monotonic()
+        left = until - self.reactor.seconds()
         if left <= 0:
             del self._backoff[account_id]
             return
