@@ -2,18 +2,20 @@
 
 Run from the repository root after the test command has installed everything:
 
-    python -m benchmarks.imap_fetch [--size-mb 10] [--rounds 5] [--logins 20]
+    python -m benchmarks.imap_fetch [--size-mb 10] [--rounds 20] [--logins 20]
 
 It starts the same real Dovecot and test OAuth2 provider the integration tests
 use, the gateway as `twistd -n gateway`, and the reference relay of
 benchmarks/bare_relay.py (Twisted port forwarder, TLS both legs with the
 gateway's certificate, no parsing, no auth). All three paths use implicit TLS
 and imaplib: the gateway with LOGIN (account ID + token), direct and the bare
-relay with AUTHENTICATE XOAUTH2 to Dovecot. The paths take turns in every
-round. Reports the median login (connect + TLS + auth) and FETCH of one
-``--size-mb`` message, the FETCH time relative to direct, and each relay
-process's CPU seconds per GB relayed over the fetches. Bounded: rounds and
-logins are fixed counts.
+relay with AUTHENTICATE XOAUTH2 to Dovecot. The gateway runs its default
+configuration: with upstream pooling (where the build has it), its logins after
+the first reuse an upstream connection (benchmarks/imap_session.py compares
+pooling off and on). The paths take turns in every round. Reports the
+median login (connect + TLS + auth) and FETCH of one ``--size-mb`` message,
+the FETCH time relative to direct, and each relay process's CPU seconds per
+GB relayed over the fetches. Bounded: rounds and logins are fixed counts.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def report(paths: list[Route], size: int, rounds: int, logins: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20)  # 210 MB: CPU clock ticks are 10 ms
     parser.add_argument("--logins", type=int, default=20)
     args = parser.parse_args()
 
