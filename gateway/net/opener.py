@@ -15,12 +15,17 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from prometheus_client import Counter
 
 from gateway.auth.oauth2 import RefreshError
 from gateway.net.connector import ProxyError, Route
 from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
 
 log = Logger()
+
+TLS_HANDSHAKES = Counter("gateway_upstream_tls_handshakes_total",
+                         "Upstream TLS handshakes of logged-in connections, by whether a session was resumed",
+                         ["protocol", "resumed"])
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,19 @@ async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Cr
     except Exception as e:  # TLS verification errors arrive as connection loss or SSL errors
         proto.transport.abortConnection()
         raise UpstreamError(f"upstream TLS or protocol error with {target}: {_reason(e)}") from None
+    _remember_tls_session(core, target, proto, leg)
     return Opened(proto, result, target, route)
+
+
+def _remember_tls_session(core: Any, target: Target, proto: Any, leg: Leg) -> None:
+    """Keep the connection's TLS session for the host's next connection; count resumptions."""
+    handle = getattr(proto.transport, "getHandle", None)
+    options = core.connector.tls_options(target.host)
+    remember = getattr(options, "remember", None)
+    if handle is None or remember is None:
+        return
+    resumed = remember(handle())
+    TLS_HANDSHAKES.labels(leg.name, "yes" if resumed else "no").inc()
 
 
 def _reason(e: BaseException) -> str:

@@ -184,7 +184,8 @@ class Dovecot:
 
     def __init__(self, workdir: Path, provider: OAuth2Provider, *,
                  submission: bool = True, mail_user: str = MAIL_USER,
-                 auth_penalty: bool = False, max_connections: int | None = None) -> None:
+                 auth_penalty: bool = False, max_connections: int | None = None,
+                 extra_config: str = "") -> None:
         self.workdir = Path(workdir).resolve()
         self.provider = provider
         self.submission_enabled = submission
@@ -199,6 +200,8 @@ class Dovecot:
         #: open at once, all of one user from one IP (benchmarks).  None keeps
         #: Dovecot's defaults: 100 login processes, 10 sessions per user and IP.
         self.max_connections = max_connections
+        #: Appended to the generated dovecot.conf (e.g. a service block).
+        self.extra_config = extra_config
         self.conf_path = self.workdir / "dovecot.conf"
         self.oauth2_conf_path = self.workdir / "dovecot-oauth2.conf.ext"
         self.passwd_path = self.workdir / "passwd"
@@ -346,7 +349,8 @@ service imap-login {{
   }}{login_limits}
 }}
 {submission}
-{limits}"""
+{limits}{self.extra_config}
+"""
         self.conf_path.write_text(conf)
         os.chmod(self.conf_path, 0o644)
 

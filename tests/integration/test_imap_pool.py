@@ -396,3 +396,38 @@ def test_pooling_off_opens_a_connection_per_login(dovecot, oauth2_provider, new_
     finally:
         gw.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_upstream_tls_sessions_are_resumed(oauth2_provider, new_email):
+    """Against a Dovecot whose imap-login keeps one process (service_count = 0), so its ticket keys
+    persist, the gateway's second upstream handshake resumes the first's TLS session."""
+    from .dovecot import Dovecot
+
+    root = Path(tempfile.mkdtemp(prefix="gw-resume-"))
+    root.chmod(0o755)
+    (root / "dovecot").mkdir()
+    (root / "dovecot").chmod(0o755)
+    performance = Dovecot(root / "dovecot", oauth2_provider, submission=False, extra_config="""
+service imap-login {
+  service_count = 0
+  process_min_avail = 1
+  process_limit = 1
+}
+""")
+    gw = Gateway(root / "gateway", performance, oauth2_provider, imap={"pool": {"idle_ttl": 0}})
+    try:
+        performance.start()
+        gw.start()
+        email = new_email("resume")
+        account_id = email.split("@")[0]
+        gw.add_oauth_account(account_id, email)
+        token = gw.token(account_id)
+        for _ in range(3):
+            logout(session(gw, account_id, token))
+        resumed = metric(gw, "gateway_upstream_tls_handshakes_total", protocol="imap", resumed="yes")
+        full = metric(gw, "gateway_upstream_tls_handshakes_total", protocol="imap", resumed="no")
+        assert (full, resumed) == (1, 2)
+    finally:
+        gw.stop()
+        performance.stop()
+        shutil.rmtree(root, ignore_errors=True)
