@@ -57,12 +57,10 @@ def loggable(name: str) -> str:
 
 
 class TokenChecker(Interface):
-    """Checks client tokens and finds accounts (the store)."""
+    """Checks a client's token and finds its account (the store)."""
 
-    def verify_token(self, secret: str, scope: str, peer_ip: str | None,
-                     account: str | None = None) -> defer.Deferred[Any]: ...
-
-    def get_account(self, account_id: str, with_secrets: bool = False) -> defer.Deferred[Any]: ...
+    def check_login(self, secret: str, scope: str, peer_ip: str | None,
+                    account: str) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None]]: ...
 
 
 class UpstreamSource(Interface):
@@ -252,17 +250,14 @@ class GatewaySession(Protocol):
     async def _log_in(self, action: Any) -> None:
         self.client = client = peer_host(self.transport)
         started = time.monotonic()
-        check, _token = await self.deps.tokens.verify_token(
-            action.password, self.scope, client or None, account=action.username)
+        check, account = await self.deps.tokens.check_login(
+            action.password, self.scope, client or None, action.username)
         if self._gone:
             return
         if check is not TokenCheck.OK:
             denied = check is TokenCheck.DENIED_ADDRESS
             self._fail(action, self.reply("denied" if denied else "invalid"),
                        "denied-address" if denied else "invalid-credentials")
-            return
-        account = await self.deps.tokens.get_account(action.username, with_secrets=True)
-        if self._gone:
             return
         if account is None:
             self._fail(action, self.reply("invalid"), "unknown-account")

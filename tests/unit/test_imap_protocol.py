@@ -26,7 +26,7 @@ class RecordingStore:
         self.pending: list[defer.Deferred[Any]] = []
         self.hold = hold
 
-    def verify_token(self, secret: str, scope: str, peer: str | None, account: str | None = None):
+    def check_login(self, secret: str, scope: str, peer: str | None, account: str):
         self.calls.append((secret, scope, peer, account))
         if self.hold:
             d: defer.Deferred[Any] = defer.Deferred()

@@ -358,3 +358,25 @@ def test_async_store_runs_calls_in_its_pool_and_returns_deferreds(tmp_path: Path
         store.stop()
         store.stop()  # idempotent
         sync.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_check_login_gives_the_account_with_secrets_only_for_a_good_token(tmp_path: Path):
+    """check_login: OK with the account and its secrets; a bad token or address gets no account."""
+    from twisted.internet import reactor
+    sync = SQLiteStore(str(tmp_path / "g.db"), SecretBox.generate())
+    store = AsyncStore(sync, reactor)
+    store.start()
+    try:
+        yield store.create_account({"account": "a", "email": "a@x.org",
+                                    "imap": {"host": "h", "auth": {"user": "u", "pass": "p4ss"}}})
+        secret, _record = yield store.create_token("a", ["imap-proxy"], "d", ["10.0.0.0/8"])
+        check, account = yield store.check_login(secret, "imap-proxy", "10.1.2.3", "a")
+        assert check is TokenCheck.OK and account["imap"]["auth"]["pass"] == "p4ss"
+        assert (yield store.check_login(secret, "imap-proxy", "192.0.2.1", "a")) == \
+            (TokenCheck.DENIED_ADDRESS, None)
+        assert (yield store.check_login(secret, "smtp", "10.1.2.3", "a")) == (TokenCheck.INVALID, None)
+        assert (yield store.check_login("0" * 64, "imap-proxy", "10.1.2.3", "a")) == (TokenCheck.INVALID, None)
+    finally:
+        store.stop()
+        sync.close()
