@@ -105,7 +105,7 @@ class GatewaySession(Protocol):
         self.reactor = deps.reactor
         self.tls = tls
         self.settings = deps.settings
-        self.machine = self.make_machine()
+        self.machine: Any = self.make_machine()
         self.lease: Lease | None = None
         self.upstream: Opened | None = None
         self._upstream_gone = False
@@ -218,13 +218,15 @@ class GatewaySession(Protocol):
             elif isinstance(action, kinds.StartRelay):
                 self._cancel_timeout()
                 self.start_relay()
+                self.machine = None  # its work is done; an idle relayed session keeps less
                 self._resume()
             elif isinstance(action, kinds.Close):
                 transport_of(self).loseConnection()
 
     def _bound_pending(self) -> None:
         """While the upstream login runs, stop reading once the held bytes reach the limit."""
-        if self.machine.state is self.actions.State.LOGGING_IN and not self._paused and \
+        if self.machine is not None and self.machine.state is self.actions.State.LOGGING_IN and \
+                not self._paused and \
                 self.machine.buffered >= self.settings.max_pending:
             self._paused = True
             transport_of(self).pauseProducing()

@@ -108,9 +108,11 @@ async def open_upstream(core: Any, account: dict[str, Any], leg: Leg) -> Opened:
 
 async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Credentials,
                    leg: Leg) -> Opened:
+    factory = Factory.forProtocol(leg.protocol)
+    factory.noisy = False  # no "Starting factory" log line per upstream connection
     try:
         proto, route = await core.connector.connect(
-            target.host, target.port, Factory.forProtocol(leg.protocol), tls=target.secure, account=account)
+            target.host, target.port, factory, tls=target.secure, account=account)
     except ProxyError as e:  # "proxy: SOCKS5 authentication refused" etc., safe to show
         raise UpstreamError(str(e)) from None
     except (ConnectError, DNSLookupError, TxTimeoutError) as e:

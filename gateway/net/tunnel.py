@@ -177,7 +177,9 @@ class ProxyEndpoint:
             handshakes.append(protocol)
             return protocol
 
-        inner = self._inner.connect(Factory.forProtocol(build))
+        handshake_factory = Factory.forProtocol(build)
+        handshake_factory.noisy = False
+        inner = self._inner.connect(handshake_factory)
         connecting.append(inner)
 
         def unreachable(failure: Failure) -> None:

@@ -131,3 +131,17 @@ def smtp_upstream(dovecot, oauth2_provider):
     finally:
         for sink in started:
             sink.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_traceback_in_the_gateway_log(request):
+    """A test that used the shared gateway must leave no traceback in its log (an unhandled
+    error in a callback is otherwise invisible to the client and to the test)."""
+    if "gateway" not in request.fixturenames:
+        yield
+        return
+    gw = request.getfixturevalue("gateway")
+    start = len(gw.log_text())
+    yield
+    new = gw.log_text()[start:]
+    assert "Traceback (most recent call last)" not in new, new[new.find("Traceback") - 2000:][:6000]
