@@ -158,6 +158,8 @@ class GatewaySession(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         quickack(self._socket)
+        if self.session is not None and self.lease is None:
+            return  # the upstream was given back (LOGOUT answered here): nothing may reach it now
         if self.session is not None and self.upstream is not None:
             self.relay_from_client(data)
             return

@@ -40,6 +40,10 @@ __all__ = ["Connector", "Route", "ProxyError"]
 log = Logger()
 
 MAX_PER_FAMILY = 4
+# Seconds a name's addresses are reused without asking the resolver again. Twisted's
+# resolver runs getaddrinfo on the reactor's thread pool (a thread hop per login, and a
+# pool other work shares); providers' records live 300 s; a failed connection forgets them.
+RESOLVED_TTL = 30.0
 MIN_SHARE = 2.0
 _FAMILY_NAMES = {IPV4: "IPv4", IPV6: "IPv6"}
 
@@ -94,6 +98,7 @@ class Connector:
         self._hosts = {name.lower().rstrip("."): normalize_pool([v] if isinstance(v, str) else v)
                        for name, v in network.hosts.items()}
         self._resolver = resolver
+        self._resolved: dict[str, tuple[float, dict[int, list[str]]]] = {}
         self._clock: Callable[[], float] = clock if clock is not None else getattr(
             reactor, "seconds", time.monotonic)
         self.ehlo = ehlo or EhloNames(reactor, network.ehlo_names, config.smtp.hostname)
@@ -150,6 +155,7 @@ class Connector:
                 raise
             except (ConnectError, DNSLookupError) as e:
                 last = e
+                self._resolved.pop(host.lower().rstrip("."), None)  # ask again on the next attempt
             log.info("Connect attempt retry_num={retry} to {target}{via} ({strategy}) for account "
                      "{account} failed: {reason}", retry=retry_num, target=f"{host}:{port}", via=via,
                      strategy=strategy, account=who, reason=describe_failure(last))
@@ -244,6 +250,10 @@ class Connector:
             for address in pinned:
                 grouped.setdefault(family_of(address), []).append(address)
             return grouped
+        key = host.lower().rstrip(".")
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] > self._clock():
+            return cached[1]
         resolver = self._resolver or self._reactor.nameResolver
         receiver = _Addresses()
         resolver.resolveHostName(receiver, host, 0, addressTypes=[IPv4Address, IPv6Address],
@@ -261,6 +271,9 @@ class Connector:
                 result[kind].append(address.host)
         if not result:
             raise DNSLookupError(f"{host}: no such host")
+        if len(self._resolved) >= 1024:
+            self._resolved.clear()
+        self._resolved[key] = (self._clock() + RESOLVED_TTL, result)
         return result
 
 

@@ -237,3 +237,25 @@ def test_an_unparsable_stored_proxy_url_is_a_proxy_error():
     connector, reactor, _ = make()
     with pytest.raises(ProxyError, match="^proxy: invalid proxy URL: SOCKS4 proxies take a user ID"):
         outcome(start(connector, {**ACCOUNT, "proxy": "socks4://u:p@127.0.0.1:1080"}))
+
+
+def test_resolved_addresses_are_reused_for_a_while_and_forgotten_after_a_failure():
+    """One lookup serves the logins of RESOLVED_TTL seconds; a refused connection forgets it."""
+    from gateway.net.connector import RESOLVED_TTL
+
+    connector, reactor, resolver = make(table={"imap.example.com": ["192.0.2.10"]})
+    for index in range(2):
+        d = start(connector)
+        accept(reactor, index, "192.0.2.1")
+        outcome(d)
+    assert resolver.asked == ["imap.example.com"]
+    reactor.advance(RESOLVED_TTL + 1)
+    d = start(connector)
+    accept(reactor, 2, "192.0.2.1")
+    outcome(d)
+    assert resolver.asked == ["imap.example.com"] * 2
+    d = start(connector)
+    refuse(reactor, 3)       # the first attempt fails: the second asks the resolver again
+    accept(reactor, 4, "192.0.2.1")
+    outcome(d)
+    assert resolver.asked == ["imap.example.com"] * 3
