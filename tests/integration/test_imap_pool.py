@@ -431,3 +431,30 @@ service imap-login {
         gw.stop()
         performance.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_pooled_connection_that_stopped_answering_fails_its_resync_and_is_replaced(gateway, account):
+    """The idle connection's Dovecot process is frozen (SIGSTOP): the NOOP before reuse gets no answer,
+    the connection is discarded after the resync timeout, and the login goes on with a new one."""
+    import os
+    import signal
+
+    account_id, email, token = account
+    logout(session(gateway, account_id, token))
+    assert wait_for(lambda: pool_idle(gateway) >= 1)
+    who = gateway.dovecot.doveadm("who", "-1", email).stdout.split()
+    pid = int(who[who.index("imap") + 1])
+    discarded = metric(gateway, "gateway_upstream_pool_total", protocol="imap", result="discarded")
+    before = upstream_logins(gateway, email)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        sock = session(gateway, account_id, token)
+        waited = time.monotonic() - started
+        assert b"s1 OK" in command(sock, b"s1", b"SELECT INBOX")
+        logout(sock)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert waited >= 4.5  # the resync timeout (5 s) passed first
+    assert upstream_logins(gateway, email) == before + 1
+    assert metric(gateway, "gateway_upstream_pool_total", protocol="imap", result="discarded") == discarded + 1
