@@ -86,6 +86,9 @@ class SessionDeps:
     version: str = ""
 
 
+CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is aborted
+
+
 def _login_timed_out(result: Any, timeout: float) -> Any:
     if isinstance(result, Failure) and result.check(defer.CancelledError):
         raise UpstreamError(f"upstream login timed out after {timeout:.0f} s")
@@ -112,6 +115,7 @@ class GatewaySession(Protocol):
         self.session: Session | None = None
         self.client = ""
         self._timeout: Any = None
+        self._abort_call: Any = None
         self._login: defer.Deferred[None] | None = None
         self._paused = False
         self._gone = False
@@ -171,6 +175,9 @@ class GatewaySession(Protocol):
         if self._to_upstream is not None:
             self._to_upstream.flush()
         self._cancel_timeout()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         if self._login is not None:
             self._login.cancel()
         self.give_back_upstream()
@@ -223,7 +230,7 @@ class GatewaySession(Protocol):
                 self.machine = None  # its work is done; an idle relayed session keeps less
                 self._resume()
             elif isinstance(action, kinds.Close):
-                transport_of(self).loseConnection()
+                self.close_firmly()
 
     def _bound_pending(self) -> None:
         """While the upstream login runs, stop reading once the held bytes reach the limit."""
@@ -241,9 +248,29 @@ class GatewaySession(Protocol):
     def _expire(self) -> None:
         self._timeout = None
         if self.session is None and not self._gone:
-            transport = transport_of(self)
-            transport.write(self.expired_text)
-            transport.loseConnection()
+            self.close_firmly(self.expired_text)
+
+    def close_firmly(self, text: bytes = b"") -> None:
+        """Write ``text`` and close; abort if that has not happened within CLOSE_GRACE seconds.
+
+        A polite close alone never ends a connection whose TLS handshake is not
+        done (a bare TCP connect to an implicit-TLS port, a client silent after
+        STARTTLS: the TLS layer holds the close until the handshake), nor one
+        whose client does not read what is queued for it.
+        """
+        transport = transport_of(self)
+        if text:
+            transport.write(text)
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.reactor.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self._gone:
+            log.info("{proto} connection from {client} aborted: it did not close within {grace:.0f} s",
+                     proto=self.name.upper(), client=peer_host(self.transport) or "-", grace=CLOSE_GRACE)
+            transport_of(self).abortConnection()
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():

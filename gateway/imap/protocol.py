@@ -8,7 +8,6 @@ from gateway.imap import preauth
 from gateway.imap.tracker import Tracker
 from gateway.net.opener import Opened
 from gateway.net.relay import Coalescer, couple
-from gateway.net.transport import transport_of
 from gateway.session import GatewaySession, SessionDeps, SessionFactory
 
 
@@ -96,7 +95,7 @@ class IMAPGateway(GatewaySession):
         self._to_client.write(b"* BYE Logging out\r\n" + tag + b" OK Logout completed\r\n")
         self._to_client.flush()
         self.give_back_upstream()
-        transport_of(self).loseConnection()
+        self.close_firmly()
 
     def upstream_reusable(self) -> tuple[str, bool]:
         tracker = self.tracker

@@ -84,7 +84,7 @@ class SMTPGateway(GatewaySession):
                 self._to_client.write(action.data)
             elif isinstance(action, CloseBoth):
                 self.flush()
-                transport_of(self).loseConnection()
+                self.close_firmly()
                 if self.upstream is not None:
                     self.upstream.protocol.transport.loseConnection()
         if self.filter is None or self._gone:
