@@ -20,13 +20,16 @@ from typing import Any
 from typing import Protocol as Interface
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway.auth.tokens import TokenCheck, looks_like_token
 from gateway.connections import LOGINS, Connections, Session
 from gateway.net.opener import Opened
+from gateway.net.flow import LOGIN, OUTPUT, Flow, FlowProducer
 from gateway.net.pool import Lease
 from gateway.net.relay import Coalescer, Coupling, quickack, set_nodelay, tcp_socket
 from gateway.net.transport import transport_of
@@ -87,6 +90,11 @@ class SessionDeps:
 
 
 CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is aborted
+# Bytes written before login while the client's transport says its buffer is full (the
+# client does not read): past this the connection is cut. A client that reads never
+# gets near it; one that sends `a CAPABILITY` or `EHLO x` without reading reaches it
+# within one socket read's worth of commands.
+MAX_QUEUED_OUTPUT = 256 * 1024
 
 
 def _login_timed_out(result: Any, timeout: float) -> Any:
@@ -95,6 +103,7 @@ def _login_timed_out(result: Any, timeout: float) -> Any:
     return result
 
 
+@implementer(IHandshakeListener)
 class GatewaySession(Protocol):
     """One client connection; subclasses say what is protocol-specific."""
 
@@ -116,8 +125,10 @@ class GatewaySession(Protocol):
         self.client = ""
         self._timeout: Any = None
         self._abort_call: Any = None
+        self.flow: Flow | None = None
+        self._output_watch: FlowProducer | None = None
+        self._queued = 0  # bytes written since the transport said it is full
         self._login: defer.Deferred[None] | None = None
-        self._paused = False
         self._gone = False
         self._to_upstream: Coalescer | None = None
         self._coupling: Coupling | None = None
@@ -157,7 +168,10 @@ class GatewaySession(Protocol):
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self._socket = tcp_socket(self.transport)
-        transport_of(self).write(self.machine.greeting())
+        self.flow = Flow(transport_of(self))
+        if not self.tls:  # on TLS, once the handshake is done (handshakeCompleted)
+            self.watch_output()
+        self._send(self.machine.greeting())
         self._timeout = self.reactor.callLater(self.settings.preauth_timeout, self._expire)
 
     def dataReceived(self, data: bytes) -> None:
@@ -183,6 +197,50 @@ class GatewaySession(Protocol):
         self.give_back_upstream()
         if self.session is not None:
             self.session.close()
+
+    # Before login: answers only as fast as the client reads them
+    def _send(self, data: bytes) -> None:
+        """Write a pre-auth answer; cut a client that keeps asking without reading."""
+        transport_of(self).write(data)
+        if self._output_watch is not None and self.flow is not None and self.flow.holds(OUTPUT):
+            self._queued += len(data)
+            if self._queued > MAX_QUEUED_OUTPUT and not self._gone:
+                log.info("{proto} connection from {client} cut: {n} bytes of answers queued, it does not read",
+                         proto=self.name.upper(), client=peer_host(self.transport) or "-", n=self._queued)
+                self._output_watch = None
+                transport_of(self).abortConnection()
+
+    def _output_full(self) -> None:
+        self._queued = 0
+
+    def _output_drained(self) -> None:
+        self._queued = 0
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (implicit TLS or after STARTTLS): answers are paced by the client's reading now."""
+        if self.session is None and not self._gone:
+            self.watch_output()
+
+    def watch_output(self) -> None:
+        """Be told when the client stops reading our answers (its transport's buffer is full).
+
+        Not during a TLS handshake: the TLS layer pauses its producer while it
+        holds our greeting, and pausing our reading then would stall the
+        handshake that would release it.
+        """
+        if self._output_watch is None and self.flow is not None:
+            self._output_watch = FlowProducer(self.flow, OUTPUT, on_pause=self._output_full,
+                                              on_resume=self._output_drained)
+            transport_of(self).registerProducer(self._output_watch, True)
+
+    def stop_watching_output(self) -> None:
+        """The relay takes over flow control (its Coupling registers the producers)."""
+        watch, self._output_watch = self._output_watch, None
+        if watch is not None:
+            watch.flow = None
+            transport_of(self).unregisterProducer()
+            if self.flow is not None:
+                self.flow.resume(OUTPUT)
 
     def give_back_upstream(self) -> None:
         """End the lease: release a clean upstream to the pool, close any other."""
@@ -215,9 +273,13 @@ class GatewaySession(Protocol):
             if self._gone:
                 return
             if isinstance(action, kinds.Send):
-                transport_of(self).write(action.data)
+                if self.session is None:
+                    self._send(action.data)
+                else:
+                    transport_of(self).write(action.data)
             elif isinstance(action, kinds.StartTLS):
                 self.machine.take_pending()  # plaintext pipelined behind STARTTLS is dropped
+                self.stop_watching_output()  # until handshakeCompleted
                 transport_of(self).startTLS(self.deps.server_tls)
                 self.tls = True
                 self._perform(self.machine.tls_started())
@@ -235,15 +297,12 @@ class GatewaySession(Protocol):
     def _bound_pending(self) -> None:
         """While the upstream login runs, stop reading once the held bytes reach the limit."""
         if self.machine is not None and self.machine.state is self.actions.State.LOGGING_IN and \
-                not self._paused and \
-                self.machine.buffered >= self.settings.max_pending:
-            self._paused = True
-            transport_of(self).pauseProducing()
+                self.flow is not None and self.machine.buffered >= self.settings.max_pending:
+            self.flow.pause(LOGIN)
 
     def _resume(self) -> None:
-        if self._paused:
-            self._paused = False
-            transport_of(self).resumeProducing()
+        if self.flow is not None:
+            self.flow.resume(LOGIN)
 
     def _expire(self) -> None:
         self._timeout = None

@@ -71,7 +71,8 @@ class IMAPGateway(GatewaySession):
         if leftover:
             to_client.write(leftover)
         self._to_upstream = Coalescer(reactor, up.transport, self.session.to_upstream)
-        self._coupling = couple(self.transport, up.transport)
+        self.stop_watching_output()
+        self._coupling = couple(self.transport, up.transport, self.flow)
         pending = self.machine.take_pending()
         if pending:
             self.relay_from_client(pending)

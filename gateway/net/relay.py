@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from gateway.net.flow import UPSTREAM, Flow, FlowProducer
+
 
 def set_nodelay(transport: Any) -> None:
     """Set TCP_NODELAY on the TCP transport under any TLS or PROXY-protocol wrappers."""
@@ -82,32 +84,41 @@ class Coupling:
 
     When ``a``'s write buffer fills up, reading from ``b`` pauses until it
     drains, and the other way round, so a slow reader never makes the gateway
-    buffer more than the transports' own write buffers.
+    buffer more than the transports' own write buffers. ``a`` (the client) is
+    paused through its session's :class:`Flow` (reason UPSTREAM), which other
+    parties may also hold.
     """
 
-    def __init__(self, a: Any, b: Any) -> None:
+    def __init__(self, a: Any, b: Any, flow_a: Flow | None = None) -> None:
         self._a, self._b = a, b
-        self._to_a, self._to_b = _Forward(b), _Forward(a)
+        self._to_a = _Forward(b)
+        self._to_b: Any = FlowProducer(flow_a, UPSTREAM) if flow_a is not None else _Forward(a)
         a.registerProducer(self._to_a, True)
         b.registerProducer(self._to_b, True)
 
     def detach(self) -> None:
-        """Neither drives the other any more; both are left reading."""
-        self._to_a.target = self._to_b.target = None
+        """Neither drives the other any more; both are left reading (as far as this coupling goes)."""
+        self._to_a.target = None
+        if isinstance(self._to_b, FlowProducer):
+            if self._to_b.flow is not None:
+                self._to_b.flow.resume(UPSTREAM)
+            self._to_b.flow = None
+        else:
+            self._to_b.target = None
         for transport in (self._a, self._b):
             try:
                 transport.unregisterProducer()
             except Exception:  # a transport whose connection is already gone
                 pass
-            try:
-                transport.resumeProducing()
-            except Exception:
-                pass
+        try:
+            self._b.resumeProducing()
+        except Exception:
+            pass
 
 
-def couple(a: Any, b: Any) -> Coupling:
+def couple(a: Any, b: Any, flow_a: Flow | None = None) -> Coupling:
     """Make each transport the other's streaming producer (see :class:`Coupling`)."""
-    return Coupling(a, b)
+    return Coupling(a, b, flow_a)
 
 
 class Coalescer:

@@ -17,7 +17,8 @@ from twisted.internet.protocol import BaseProtocol
 
 
 class StreamTransport(typing.Protocol):
-    """What the gateway calls on a stream transport: ITransport, ITLSTransport and IPushProducer."""
+    """What the gateway calls on a stream transport: ITransport, ITCPTransport's abort,
+    ITLSTransport, IPushProducer and IConsumer."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -28,6 +29,12 @@ class StreamTransport(typing.Protocol):
     def resumeProducing(self) -> None: ...
 
     def startTLS(self, contextFactory: Any) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
 
 
 def transport_of(protocol: BaseProtocol) -> StreamTransport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.net.opener import Opened
+from gateway.net.flow import FILTER
 from gateway.net.relay import Coalescer, couple
 from gateway.net.transport import transport_of
 from gateway.session import GatewaySession, SessionDeps, SessionFactory
@@ -39,7 +40,6 @@ class SMTPGateway(GatewaySession):
         super().__init__(deps, tls)
         self.filter: RelayFilter | None = None
         self._to_client: Coalescer | None = None
-        self._held = False
 
     def make_machine(self) -> preauth.PreAuth:
         return preauth.PreAuth(tls=self.tls, hostname=self.settings.hostname.encode("idna"),
@@ -64,7 +64,8 @@ class SMTPGateway(GatewaySession):
         leftover = up.relay_to(_FromUpstream(self), self._upstream_closed)
         if leftover:
             self.apply(self.filter.from_upstream(leftover))
-        self._coupling = couple(self.transport, up.transport)
+        self.stop_watching_output()
+        self._coupling = couple(self.transport, up.transport, self.flow)
         pending = self.machine.take_pending()
         if pending:
             self.relay_from_client(pending)
@@ -89,12 +90,12 @@ class SMTPGateway(GatewaySession):
                     self.upstream.protocol.transport.loseConnection()
         if self.filter is None or self._gone:
             return
-        if self.filter.should_pause_client and not self._held:
-            self._held = True
-            transport_of(self).pauseProducing()
-        elif self._held and not self.filter.should_pause_client:
-            self._held = False
-            transport_of(self).resumeProducing()
+        if self.flow is None:
+            return
+        if self.filter.should_pause_client:
+            self.flow.pause(FILTER)
+        else:
+            self.flow.resume(FILTER)
 
     def flush(self) -> None:
         if self._to_client is not None:

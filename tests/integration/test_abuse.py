@@ -97,3 +97,43 @@ def test_silent_after_starttls_is_cut_imap_and_smtp(strict):
         assert closed_within(smtp, 10) is not None
     finally:
         smtp.close()
+
+
+def _spam_without_reading(port: int, line: bytes, seconds: float, greet: bytes = b"") -> bool:
+    """Send ``line`` over and over for ``seconds`` and never read; True when the gateway cut us."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(0.5)
+    batch = line * 2000
+    deadline = time.monotonic() + seconds
+    try:
+        if greet:
+            sock.sendall(greet)
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(batch)
+            except socket.timeout:  # the gateway stopped reading us: fine, keep pushing
+                continue
+            except OSError:
+                return True
+        return False
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", ["imap", "smtp"])
+def test_a_client_that_asks_without_reading_does_not_grow_the_gateway(gateway, kind):
+    """`a CAPABILITY` (IMAP) or `EHLO x` (SMTP) sent for 6 s without reading, well inside the
+    pre-auth timeout: the gateway stops reading that client, so its memory stays bounded."""
+    before = gateway.rss_kb()
+    if kind == "imap":
+        _spam_without_reading(gateway.imap_port, b"a CAPABILITY\r\n", 6)
+    else:
+        _spam_without_reading(gateway.smtp_port, b"EHLO x\r\n", 6)
+    grown_mb = (gateway.rss_kb() - before) / 1024
+    assert grown_mb < 50, f"gateway grew by {grown_mb:.0f} MB"
+
+
+def test_a_client_that_asks_without_reading_is_still_cut_by_the_preauth_timeout(strict):
+    """The same client against a 1 s pre-auth timeout: cut, although it never reads the BYE."""
+    assert _spam_without_reading(strict.imap_port, b"a CAPABILITY\r\n", 8)
