@@ -201,7 +201,11 @@ def _write(request: server.Request, reply: Reply) -> None:
     if isinstance(reply.body, bytes):
         payload = reply.body
     else:
-        payload = json.dumps(reply.body, ensure_ascii=False).encode("utf-8") + b"\n"
+        text = json.dumps(reply.body, ensure_ascii=False)
+        try:
+            payload = text.encode("utf-8") + b"\n"
+        except UnicodeEncodeError:  # a lone surrogate stored before it was refused: escape it
+            payload = json.dumps(reply.body, ensure_ascii=True).encode("ascii") + b"\n"
     request.setResponseCode(reply.status)
     request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
     request.setHeader(b"X-Content-Type-Options", b"nosniff")

@@ -41,6 +41,33 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) that UTF-8 cannot encode, or None.
+
+    JSON's \\uDCFF escapes decode to lone surrogates, which no response, log
+    line or database row can hold.
+    """
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{where}.{key}" if where else str(key)
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "a key"
+                stack.append((child, child_path))
+        elif isinstance(item, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+    return None
+
+
 @dataclass
 class Call:
     """One authenticated API call as handlers see it."""
@@ -60,6 +87,10 @@ class Call:
             raise ApiError(400, "BadRequest", "request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise ApiError(400, "BadRequest", "request body must be a JSON object")
+        where = _unencodable(value)
+        if where is not None:
+            raise ApiError(400, "BadRequest", f"{where or 'request body'} is not valid Unicode "
+                                              "(a lone UTF-16 surrogate)")
         return value
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import re
+import unicodedata
 import urllib.parse
 from typing import Any, Callable
 
@@ -103,12 +104,22 @@ def _bool(value: Any, path: str) -> bool:
     return value
 
 
+# Characters an ID must not contain: control (Cc), format (Cf: bidi overrides such as
+# U+202E, zero-width spaces and joiners, U+FEFF), surrogates (Cs), private use (Co),
+# unassigned (Cn) and line/paragraph separators. They make IDs that look like others.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def validate_account_id(value: Any, path: str = "account") -> str:
-    """An account ID: 1..256 characters, no whitespace or control characters."""
+    """An account ID: 1..256 characters, no whitespace, control, invisible or look-alike-making ones."""
     if not isinstance(value, str):
         raise ValidationError(f"{path} must be a string")
     if not _ACCOUNT_ID.match(value):
         raise ValidationError(f"{path} must be 1 to 256 characters without spaces or control characters")
+    for char in value:
+        if unicodedata.category(char) in _INVISIBLE:
+            raise ValidationError(f"{path} must not contain invisible or direction-changing characters "
+                                  f"(found U+{ord(char):04X})")
     return value
 
 

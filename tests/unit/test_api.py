@@ -58,8 +58,11 @@ class Api:
         producer = FileBodyProducer(BytesIO(data)) if data is not None else None
         if producer is not None and chunked:
             producer.length = UNKNOWN_LENGTH  # the agent then sends Transfer-Encoding: chunked
-        response = await self.agent.request(method.encode(), (self.url + path).encode(), headers, producer)
-        payload = await readBody(response)
+        from twisted.internet import reactor
+        # A bounded wait: an answer that never comes is a failure, not a hang.
+        response = await self.agent.request(method.encode(), (self.url + path).encode(), headers,
+                                            producer).addTimeout(10, reactor)
+        payload = await readBody(response).addTimeout(10, reactor)
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         parsed = json.loads(payload) if ctype.startswith(b"application/json") else payload
         return response.code, parsed, response.headers
@@ -374,3 +377,44 @@ def test_access_log_line_blanks_token_secrets() -> None:
     assert secret not in line and "/v1/token/<token>" in line
     request.uri = b"/v1/token/0123456789abcdef"
     assert "0123456789abcdef" in _access_log_line("ts", request)  # type: ignore[arg-type]
+
+
+# Strings that cannot be encoded, and IDs that look like others
+
+@pytest_twisted.ensureDeferred
+async def test_lone_surrogates_are_refused_and_listings_keep_answering(api: Api) -> None:
+    """{"name": "\\udcff"} (a JSON escape for a lone surrogate) is a 400 wherever it is, and the
+    account listing and view keep answering afterwards."""
+    api.sync.create_account(IMAP_ACCOUNT)
+    bad = b'{"name": "\\udcff"}'
+    code, body, _ = await api.call("PUT", "/v1/account/alice", raw=bad)
+    assert code == 400 and "surrogate" in body["message"] and "name" in body["message"]
+    raw_account = json.dumps({**IMAP_ACCOUNT, "account": "bob"}).encode().replace(b'"bob"', b'"b\\ud800b"')
+    assert (await api.call("POST", "/v1/account", raw=raw_account))[0] == 400
+    token_body = b'{"account": "alice", "scopes": ["imap-proxy"], "description": "\\udfff"}'
+    assert (await api.call("POST", "/v1/token", raw=token_body))[0] == 400
+    key_body = b'{"\\ud800": 1}'
+    assert (await api.call("PUT", "/v1/account/alice", raw=key_body))[0] == 400
+    code, body, _ = await api.call("GET", "/v1/accounts")
+    assert code == 200 and [a["account"] for a in body["accounts"]] == ["alice"]
+    assert (await api.call("GET", "/v1/account/alice"))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_surrogate_already_stored_is_escaped_in_answers(api: Api) -> None:
+    """A value stored before the check existed: the listing still answers, with the JSON escape."""
+    api.sync.create_account({**IMAP_ACCOUNT, "name": "ok"})
+    api.sync._db.execute("UPDATE accounts SET data = replace(data, '\"ok\"', '\"\\udcff\"')")
+    api.sync._db.commit()
+    code, body, _ = await api.call("GET", "/v1/accounts")
+    assert code == 200 and body["accounts"][0]["name"] == "\udcff"
+
+
+@pytest.mark.parametrize("lookalike", ["ali\u202ece", "al\u200bice", "alice\ufeff", "ali\u0007ce",
+                                       "al\u2066ice", "al\u00adice"])
+@pytest_twisted.ensureDeferred
+async def test_lookalike_account_ids_are_refused(api: Api, lookalike: str) -> None:
+    """RTL override, zero-width and other invisible or control characters in an ID: 400, naming it."""
+    code, body, _ = await api.call("POST", "/v1/account", {**IMAP_ACCOUNT, "account": lookalike})
+    assert code == 400 and ("U+" in body["message"] or "control" in body["message"])
+    assert (await api.call("GET", "/v1/accounts"))[1]["accounts"] == []
