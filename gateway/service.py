@@ -96,8 +96,8 @@ def make_core(config: Config, reactor: Any) -> Core:
     ensure_certificate(config.tls.cert, config.tls.key)
     store = AsyncStore(open_store(config), reactor)
     connector = Connector(reactor, config, store)
-    tokens = TokenSource(store, reactor, margin=config.upstream.refresh_margin,
-                         timeout=config.upstream.connect_timeout, proxies_for=connector.requests_proxies)
+    tokens = TokenSource(store, reactor, connector=connector, margin=config.upstream.refresh_margin,
+                         timeout=config.upstream.connect_timeout)
     reactor.callWhenRunning(connector.ehlo.warm, configured_addresses(config.network))
     return Core(config=config, reactor=reactor, store=store, tokens=tokens, connector=connector,
                 server_tls=server_options(config.tls.cert, config.tls.key))

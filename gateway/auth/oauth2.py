@@ -1,14 +1,23 @@
-"""OAuth2 access tokens for upstream logins: refreshed with authlib, one refresh per account at a time."""
+"""OAuth2 access tokens for upstream logins: refreshed with authlib, one refresh per account at a time.
+
+The token request goes out on Twisted's HTTP client (gateway.auth.http), not
+in a worker thread: a slow provider holds no thread another account needs.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
-from authlib.integrations.requests_client import OAuth2Session
-from twisted.internet import defer, threads
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc6749 import OAuth2Token
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from gateway.auth.http import HTTPError, post_form
 
 log = Logger()
 
@@ -17,43 +26,51 @@ class RefreshError(Exception):
     """The provider would not give an access token; the message is safe to show to the client."""
 
 
-def _refresh_blocking(app: dict[str, Any], refresh_token: str, timeout: float,
-                      proxies: dict[str, str] | None) -> dict[str, Any]:
-    """One refresh_token grant with authlib (runs in a worker thread)."""
-    session = OAuth2Session(
-        client_id=app["clientId"],
-        client_secret=app.get("clientSecret"),
-        token_endpoint_auth_method="client_secret_post",
-        scope=" ".join(app.get("scopes") or []) or None,
-    )
-    if proxies:
-        session.proxies.update(proxies)
+async def refresh_grant(reactor: Any, connector: Any, app: dict[str, Any], account: dict[str, Any],
+                        refresh_token: str, timeout: float) -> dict[str, Any]:
+    """One refresh_token grant: the request prepared and the answer read with authlib, sent on
+    Twisted's HTTP client through the account's route, the whole exchange within ``timeout``."""
+    scope = " ".join(app.get("scopes") or []) or None
+    body = prepare_token_request("refresh_token", refresh_token=refresh_token, scope=scope)
+    url, headers, body = ClientAuth(app["clientId"], app.get("clientSecret"), "client_secret_post").prepare(
+        "POST", app["tokenUrl"], {}, body)
     try:
-        return dict(session.refresh_token(app["tokenUrl"], refresh_token=refresh_token, timeout=timeout))
-    except Exception as e:
-        error = getattr(e, "error", None)
-        description = getattr(e, "description", None)
-        if error:
-            text = f"{error}: {description}" if description else str(error)
-        else:
-            text = type(e).__name__
-        raise RefreshError(f"OAuth2 token refresh failed: {text}") from None
-    finally:
-        session.close()
+        response = await post_form(reactor, connector, url, body, timeout=timeout, account=account,
+                                   headers=headers)
+    except HTTPError as e:
+        raise RefreshError(f"OAuth2 token refresh failed: {e}") from None
+    try:
+        data = json.loads(response.body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise RefreshError(f"OAuth2 token refresh failed: HTTP {response.status}: {_snippet(response.body)}")
+    if data.get("error") or response.status >= 400:
+        error = str(data.get("error") or f"HTTP {response.status}")
+        description = data.get("error_description")
+        raise RefreshError(f"OAuth2 token refresh failed: {error}: {description}" if description
+                           else f"OAuth2 token refresh failed: {error}")
+    return dict(OAuth2Token.from_dict(data))
+
+
+def _snippet(body: bytes) -> str:
+    """The start of a non-JSON answer (an HTML error page), printable, for the reason text."""
+    text = body[:300].decode("utf-8", "replace")
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text[:120] or "empty answer"
 
 
 class TokenSource:
     """Hands out valid access tokens, refreshing before expiry, one refresh in flight per account."""
 
-    def __init__(self, store: Any, reactor: Any, *, margin: float = 120.0, timeout: float = 15.0,
-                 clock: Callable[[], float] = time.time,
-                 proxies_for: Callable[[dict[str, Any], str], dict[str, str] | None] | None = None) -> None:
+    def __init__(self, store: Any, reactor: Any, *, connector: Any, margin: float = 120.0,
+                 timeout: float = 15.0, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._reactor = reactor
+        self._connector = connector
         self._margin = margin
         self._timeout = timeout
         self._clock = clock
-        self._proxies_for = proxies_for
         self._inflight: dict[str, list[defer.Deferred[str]]] = {}
         self.refreshes = 0
 
@@ -97,14 +114,10 @@ class TokenSource:
         app = await self._store.get_app(oauth.get("provider"), with_secret=True)
         if app is None or not app.get("tokenUrl"):
             raise RefreshError("account's OAuth2 app is missing or has no token URL")
-        # (account, token URL): the URL's host decides whether no_proxy applies
-        proxies = self._proxies_for(account, app["tokenUrl"]) if self._proxies_for else None
         started = self._clock()
         try:
-            token = await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(),
-                _refresh_blocking, app, refresh_token, self._timeout, proxies,
-            )
+            token = await refresh_grant(self._reactor, self._connector, app, account, refresh_token,
+                                        self._timeout)
         except RefreshError as e:
             log.warn("OAuth2 refresh failed for account {account}: {reason}", account=account_id, reason=str(e))
             raise

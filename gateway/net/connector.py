@@ -120,10 +120,6 @@ class Connector:
         """The SMTP EHLO name for a connection that left by ``route`` (never waits on DNS)."""
         return self.ehlo.name_for(route.source)
 
-    def requests_proxies(self, account: dict[str, Any], url: str) -> dict[str, str] | None:
-        """requests-style proxies for an HTTP request of ``account`` to ``url`` (OAuth2)."""
-        return self.policy.requests_proxies(account, url)
-
     async def connect(self, host: str, port: int, factory: IProtocolFactory, *, tls: bool,
                       account: dict[str, Any] | None = None) -> tuple[IProtocol, Route]:
         """Connect to ``host:port``; with ``tls`` the connection is implicit TLS, verified.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -286,14 +285,6 @@ class NetworkPolicy:
         if spec is None or (host and self.no_proxy.matches(host)):
             return None
         return spec
-
-    def requests_proxies(self, account: Mapping[str, Any], url: str) -> dict[str, str] | None:
-        """A requests-style proxies dict for an HTTP request of ``account`` (OAuth2 token URL)."""
-        host = urllib.parse.urlsplit(url).hostname or ""
-        spec = self.proxy_for(account, host)
-        if spec is None:
-            return None
-        return {"http": spec.url, "https": spec.url}
 
     # Putting it together ---------------------------------------------------
 

@@ -71,6 +71,13 @@ class OAuth2Provider:
         self.scope = scope
         #: Seconds to sleep inside ``POST /token`` before answering.
         self.token_delay: float = 0.0
+        #: Refresh tokens whose ``POST /token`` answer is dribbled: the status
+        #: line and headers at once, then one byte of body every
+        #: ``dribble_interval`` seconds, until the client goes away.
+        self.dribble: set[str] = set()
+        self.dribble_interval: float = 1.0
+        #: Refresh tokens whose ``POST /token`` gets this (status, content type, body) instead.
+        self.fail_with: dict[str, tuple[int, str, bytes]] = {}
         #: Every request received, in arrival order (copy before iterating
         #: from another thread, or use :meth:`requests_to`).
         self.requests: list[RecordedRequest] = []
@@ -286,9 +293,33 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(404, {"error": "not_found"})
 
+    def _dribble(self) -> None:
+        body = json.dumps({"access_token": "x" * 200, "token_type": "Bearer"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(self.provider.dribble_interval)
+        except OSError:
+            pass  # the client gave up: what the test wants
+        self.close_connection = True
+
     def do_POST(self) -> None:
         path, query, form, headers = self._parse()
-        if path == "/token":
+        if path == "/token" and form.get("refresh_token") in self.provider.dribble:
+            self._dribble()
+        elif path == "/token" and form.get("refresh_token") in self.provider.fail_with:
+            status, ctype, body = self.provider.fail_with[form["refresh_token"]]
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path == "/token":
             self._reply(*self.provider._handle_token(form, headers))
         elif path == "/tokeninfo":
             merged = dict(query)

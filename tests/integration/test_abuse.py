@@ -137,3 +137,93 @@ def test_a_client_that_asks_without_reading_does_not_grow_the_gateway(gateway, k
 def test_a_client_that_asks_without_reading_is_still_cut_by_the_preauth_timeout(strict):
     """The same client against a 1 s pre-auth timeout: cut, although it never reads the BYE."""
     assert _spam_without_reading(strict.imap_port, b"a CAPABILITY\r\n", 8)
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_slow_oauth2_provider_delays_no_other_account(dovecot, oauth2_provider, new_email):
+    """20 accounts whose token endpoint answers one byte a second: each gets NO [UNAVAILABLE]
+    within the request deadline; meanwhile an account with a cached access token logs in at its
+    normal speed, and the gateway starts no thread per refresh."""
+    import imaplib
+    import threading
+
+    workdir = Path(tempfile.mkdtemp(prefix="gw-slowidp-"))
+    gw = Gateway(workdir, dovecot, oauth2_provider, upstream={"connect_timeout": 3},
+                 imap={"login_timeout": 10, "pool": {"idle_ttl": 0}})
+    try:
+        gw.start()
+        email = new_email("cached")
+        cached = email.split("@")[0]
+        gw.add_oauth_account(cached, email)
+        cached_token = gw.token(cached)
+        conn = gw.imap()
+        conn.login(cached, cached_token)  # refreshes once: the access token is cached from now on
+        conn.logout()
+        slow = []
+        for _ in range(20):
+            slow_email = new_email("slowidp")
+            account = slow_email.split("@")[0]
+            oauth2_provider.dribble.add(gw.add_oauth_account(account, slow_email))
+            slow.append((account, gw.token(account)))
+        threads_before = _threads(gw.proc.pid)
+        answers: dict[str, tuple[float, str]] = {}
+
+        def slow_login(account: str, token: str) -> None:
+            started = time.monotonic()
+            c = gw.imap()
+            try:
+                c.login(account, token)
+                answers[account] = (time.monotonic() - started, "OK")
+            except imaplib.IMAP4.error as e:
+                answers[account] = (time.monotonic() - started, str(e))
+            finally:
+                c.shutdown()
+
+        workers = [threading.Thread(target=slow_login, args=pair) for pair in slow]
+        for t in workers:
+            t.start()
+        time.sleep(1)  # all 20 refreshes are now being dribbled
+        threads_during = _threads(gw.proc.pid)
+        started = time.monotonic()
+        conn = gw.imap()
+        conn.login(cached, cached_token)
+        conn.select("INBOX")
+        conn.logout()
+        cached_seconds = time.monotonic() - started
+        for t in workers:
+            t.join(30)
+        assert cached_seconds < 1.5, cached_seconds
+        assert threads_during <= threads_before + 1, (threads_before, threads_during)
+        assert len(answers) == 20
+        for seconds, answer in answers.values():
+            assert "[UNAVAILABLE] OAuth2 token refresh failed: no complete answer within 3 s" in answer
+            assert seconds < 6
+    finally:
+        oauth2_provider.dribble.clear()
+        gw.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_a_provider_error_page_reaches_the_client_as_text(gateway, oauth2_provider, new_email):
+    """A refresh answered with HTTP 503 and an HTML page: the login's NO says so, with the page's text."""
+    import imaplib
+
+    email = new_email("idp503")
+    account = email.split("@")[0]
+    refresh = gateway.add_oauth_account(account, email)
+    oauth2_provider.fail_with[refresh] = (503, "text/html", b"<html><body>Service\r\nUnavailable</body></html>")
+    try:
+        conn = gateway.imap()
+        with pytest.raises(imaplib.IMAP4.error) as refused:
+            conn.login(account, gateway.token(account))
+        conn.shutdown()
+        assert str(refused.value) == ("b'[UNAVAILABLE] OAuth2 token refresh failed: HTTP 503: "
+                                      "<html><body>Service Unavailable</body></html>'")
+    finally:
+        oauth2_provider.fail_with.pop(refresh, None)

@@ -53,7 +53,7 @@ def _cleanup(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def proxies(dovecot) -> Iterator[dict[str, Any]]:
+def proxies(dovecot, oauth2_provider) -> Iterator[dict[str, Any]]:
     """Dante (open and with auth), SOCKS4, tinyproxy and stunnel on free loopback ports."""
     missing = missing_binaries()
     if missing:
@@ -66,7 +66,8 @@ def proxies(dovecot) -> Iterator[dict[str, Any]]:
         started["dante_auth"] = Dante(root / "dante-auth", auth=True).start()
         started["socks4"] = Socks4(root / "socks4").start()
         started["http"] = TinyProxy(root / "tinyproxy",
-                                    connect_ports=(dovecot.imaps_port, dovecot.imap_port)).start()
+                                    connect_ports=(dovecot.imaps_port, dovecot.imap_port,
+                                                   oauth2_provider.port)).start()
         started["https"] = Stunnel(root / "stunnel", started["http"].port,
                                    dovecot.cert_file, dovecot.key_file).start()
         yield started
@@ -500,14 +501,16 @@ def test_connections_show_source_and_masked_proxy(gw, dovecot, proxies, users):
 
 def test_global_proxy_no_proxy_bypass_and_oauth2_through_the_proxy(gw_proxied, dovecot, proxies, new_email,
                                                                     users):
-    """network.proxy applies to the IMAP connection and to the OAuth2 token request; a host in
-    no_proxy (localhost) is reached directly."""
+    """network.proxy applies to the IMAP connection and to the OAuth2 token request (a CONNECT
+    tunnel, like every connection through an HTTP proxy); a host in no_proxy (localhost) is
+    reached directly."""
     http = proxies["http"]
     seen = len(http.log_text())
     bypass, email_b, token_b = oauth_account(gw_proxied, new_email, "bypass")
     login(gw_proxied, bypass, token_b)
-    assert wait_for(lambda: f"POST {gw_proxied.provider.token_url}" in http.log_text()[seen:]), http.tail()
-    assert ": CONNECT " not in http.log_text()[seen:]
+    provider = gw_proxied.provider
+    assert wait_for(lambda: f"CONNECT {provider.host}:{provider.port}" in http.log_text()[seen:]), http.tail()
+    assert f":{dovecot.imaps_port}" not in http.log_text()[seen:]
     assert wait_rips(dovecot, email_b, 1) == ["127.0.0.1"]
     assert re.search(rf"account={bypass} .*proxy=- ", gw_proxied.log_text())
 

@@ -217,15 +217,6 @@ def test_no_proxy_hosts_are_dialled_directly():
     assert reactor.tcpClients[0][:2] == ("192.0.2.10", 993)
 
 
-def test_requests_proxies_for_oauth2_honour_no_proxy():
-    connector, _reactor, _ = make({"proxy": "socks5h://u:p@127.0.0.1:1080", "no_proxy": ["127.0.0.0/8"]})
-    assert connector.requests_proxies(ACCOUNT, "https://oauth2.example/token") == {
-        "http": "socks5h://u:p@127.0.0.1:1080", "https": "socks5h://u:p@127.0.0.1:1080"}
-    assert connector.requests_proxies(ACCOUNT, "http://127.0.0.1:8080/token") is None
-    own = {**ACCOUNT, "proxy": "http://x:y@10.0.0.1:3128"}
-    assert connector.requests_proxies(own, "https://oauth2.example/token")["https"] == "http://x:y@10.0.0.1:3128"
-
-
 def test_starttls_through_an_https_proxy_is_refused_clearly():
     connector, reactor, _ = make({"proxy": "https://127.0.0.1:3129"})
     with pytest.raises(ProxyError, match="STARTTLS upstreams .* cannot be reached through an https:// proxy"):
