@@ -320,6 +320,11 @@ class GatewaySession(Protocol):
         transport = transport_of(self)
         if text:
             transport.write(text)
+        # A registered producer holds a TLS close until it is unregistered: let go of them first.
+        self.stop_watching_output()
+        if self._coupling is not None:
+            self._coupling.detach()
+            self._coupling = None
         transport.loseConnection()
         if self._abort_call is None:
             self._abort_call = self.reactor.callLater(CLOSE_GRACE, self._abort)

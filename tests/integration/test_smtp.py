@@ -236,3 +236,24 @@ def test_disconnect_mid_data_leaves_nothing(gateway, account, smtp_sink):
     conn.sock.close()
     time.sleep(1.5)
     assert not [m for m in smtp_sink.messages if m.mail_from == email.encode()]
+
+
+def test_quit_after_login_closes_the_connection(gateway, account):
+    """RFC 5321: after the 221 the server closes; the client sees the end of the connection at once
+    (well before the gateway's 2 s close grace)."""
+    account_id, _email, token = account
+    conn = smtp(gateway)
+    conn.login(account_id, token)
+    sock = conn.sock
+    sock.sendall(b"QUIT\r\n")
+    sock.settimeout(5)
+    started = time.monotonic()
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert data.startswith(b"221")
+    assert time.monotonic() - started < 1.5
+    sock.close()
