@@ -85,6 +85,17 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    auth_failures: int = 10           # failures (per address, per account) in the window before delays
+    auth_window: float = 300.0
+    auth_lockout_after: int = 50      # failures from one address before it is locked out
+    auth_lockout: float = 300.0
+    exempt: tuple[str, ...] = ()      # CIDRs never throttled or capped
+    max_connections_per_ip: int = field(default=100, metadata=ZERO_OK)  # 0 = no cap
+    max_connections: int = field(default=10000, metadata=ZERO_OK)       # 0 = no cap
+
+
+@dataclass(frozen=True)
 class Config:
     store: str = "sqlite:var/gateway.db"
     secret_key_file: str = "var/secret.key"
@@ -94,6 +105,7 @@ class Config:
     api: APIConfig = field(default_factory=APIConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _check_type(path: str, value: Any, default: Any, hint: str, zero_ok: bool = False) -> Any:
@@ -154,6 +166,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _validate(config: Config) -> None:
     """Cross-field checks that a type check alone cannot make."""
+    import netaddr
+
+    for cidr in config.limits.exempt:
+        try:
+            netaddr.IPNetwork(cidr)
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            raise ConfigError(f"config key limits.exempt: {cidr!r} is not an IP address or CIDR") from None
     store = config.store
     if not (store.startswith("sqlite:") or store.startswith("redis://")):
         raise ConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB")

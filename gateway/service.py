@@ -14,6 +14,7 @@ from gateway.auth.oauth2 import TokenSource
 from gateway.config import Config
 from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGatewayFactory
+from gateway.limits import AuthLimiter, ConnectionLimiter
 from gateway.imap.upstream import IMAP_KEEPER, IMAP_LEG
 from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.smtp.upstream import SMTP_LEG
@@ -40,8 +41,12 @@ class Core:
     connections: Connections = field(default_factory=Connections)
     version: str = __version__
     pools: dict[str, UpstreamPool] = field(default_factory=dict)
+    auth_limits: AuthLimiter | None = None
+    connection_limits: ConnectionLimiter | None = None
 
     def __post_init__(self) -> None:
+        self.auth_limits = AuthLimiter(self.config.limits, self.reactor.seconds)
+        self.connection_limits = ConnectionLimiter(self.config.limits, self.auth_limits)
         imap, smtp = self.config.imap, self.config.smtp
         self.pools["imap"] = UpstreamPool("imap", PoolSettings(
             max_connections=imap.max_connections_per_account, limit_wait=imap.limit_wait,
@@ -64,7 +69,8 @@ class Core:
         """What a client session of ``protocol`` ("imap" or "smtp") gets."""
         return SessionDeps(reactor=self.reactor, settings=getattr(self.config, protocol), tokens=self.store,
                            upstreams=self.pools[protocol], connections=self.connections,
-                           server_tls=self.server_tls, version=self.version)
+                           server_tls=self.server_tls, version=self.version,
+                           auth_limits=self.auth_limits, connection_limits=self.connection_limits)
 
     def account_changed(self, account_id: str) -> None:
         """An account was changed or deleted: its pooled connections must not serve it again."""

@@ -29,6 +29,7 @@ from zope.interface import implementer
 from gateway.auth.tokens import TokenCheck, looks_like_token
 from gateway.connections import LOGINS, Connections, Session
 from gateway.net.opener import Opened
+from gateway.limits import MAX_DELAY, AuthLimiter, ConnectionLimiter
 from gateway.net.flow import LOGIN, OUTPUT, Flow, FlowProducer
 from gateway.net.pool import Lease
 from gateway.net.relay import Coalescer, Coupling, quickack, set_nodelay, tcp_socket
@@ -87,6 +88,8 @@ class SessionDeps:
     connections: Connections
     server_tls: Any              # the listener's TLS options, for STARTTLS
     version: str = ""
+    auth_limits: AuthLimiter | None = None
+    connection_limits: ConnectionLimiter | None = None
 
 
 CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is aborted
@@ -95,6 +98,19 @@ CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is
 # gets near it; one that sends `a CAPABILITY` or `EHLO x` without reading reaches it
 # within one socket read's worth of commands.
 MAX_QUEUED_OUTPUT = 256 * 1024
+
+
+def behind_proxy_header(transport: Any) -> bool:
+    """Is a PROXY-protocol wrapper under this transport (the client's address comes with the header)?"""
+    from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
+
+    for _ in range(8):
+        if transport is None:
+            return False
+        if isinstance(transport, HAProxyProtocolWrapper):
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
 
 
 def _login_timed_out(result: Any, timeout: float) -> Any:
@@ -111,6 +127,7 @@ class GatewaySession(Protocol):
     scope = ""           # the token scope this listener needs
     actions: ModuleType  # the pre-auth module: its actions, State and reply texts
     expired_text = b""   # written when the pre-auth timeout fires
+    too_many_text = b""  # written when a connection cap refuses the connection
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         self.deps = deps
@@ -128,6 +145,10 @@ class GatewaySession(Protocol):
         self.flow: Flow | None = None
         self._output_watch: FlowProducer | None = None
         self._queued = 0  # bytes written since the transport said it is full
+        self._refused = False
+        self._counted = False         # in the connection limiter's total
+        self._counted_address = ""    # in its per-address count
+        self._fail_call: Any = None   # a failed login's delayed answer
         self._login: defer.Deferred[None] | None = None
         self._gone = False
         self._to_upstream: Coalescer | None = None
@@ -168,13 +189,43 @@ class GatewaySession(Protocol):
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self._socket = tcp_socket(self.transport)
+        limits = self.deps.connection_limits
+        if limits is not None:
+            address = "" if behind_proxy_header(self.transport) else peer_host(self.transport)
+            if not limits.admit(address):
+                self._refuse("limits.max_connections")
+                return
+            self._counted = True
+            if address and not self._admit_address(address):
+                return
         self.flow = Flow(transport_of(self))
         if not self.tls:  # on TLS, once the handshake is done (handshakeCompleted)
             self.watch_output()
         self._send(self.machine.greeting())
         self._timeout = self.reactor.callLater(self.settings.preauth_timeout, self._expire)
 
+    def _admit_address(self, address: str) -> bool:
+        limits = self.deps.connection_limits
+        if limits is None or limits.admit_address(address):
+            self._counted_address = address
+            return True
+        self._refuse("limits.max_connections_per_ip")
+        return False
+
+    def _refuse(self, cap: str) -> None:
+        log.info("{proto} connection from {client} refused: {cap} reached", proto=self.name.upper(),
+                 client=peer_host(self.transport) or "-", cap=cap)
+        self._refused = True
+        self.close_firmly(self.too_many_text)
+
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._counted and not self._counted_address and self.session is None:
+            # Behind a PROXY header the client's address is known from the first data on.
+            address = peer_host(self.transport)
+            if address and not self._admit_address(address):
+                return
         quickack(self._socket)
         if self.session is not None and self.lease is None:
             return  # the upstream was given back (LOGOUT answered here): nothing may reach it now
@@ -192,6 +243,17 @@ class GatewaySession(Protocol):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
+        if self._fail_call is not None and self._fail_call.active():
+            self._fail_call.cancel()
+        self._fail_call = None
+        limits = self.deps.connection_limits
+        if limits is not None:
+            if self._counted:
+                limits.release()
+                self._counted = False
+            if self._counted_address:
+                limits.release_address(self._counted_address)
+                self._counted_address = ""
         if self._login is not None:
             self._login.cancel()
         self.give_back_upstream()
@@ -345,18 +407,26 @@ class GatewaySession(Protocol):
     async def _log_in(self, action: Any) -> None:
         self.client = client = peer_host(self.transport)
         started = time.monotonic()
+        limits = self.deps.auth_limits
+        if limits is not None and limits.locked(client):
+            # Locked out: the bad-token answer whatever the token, without checking it.
+            self._fail_later(MAX_DELAY, action, self.reply("invalid"), "locked-out")
+            return
         check, account = await self.deps.tokens.check_login(
             action.password, self.scope, client or None, action.username)
         if self._gone:
             return
-        if check is not TokenCheck.OK:
+        if check is not TokenCheck.OK or account is None:
             denied = check is TokenCheck.DENIED_ADDRESS
-            self._fail(action, self.reply("denied" if denied else "invalid"),
-                       "denied-address" if denied else "invalid-credentials")
+            if check is TokenCheck.OK:
+                result = "unknown-account"
+            else:
+                result = "denied-address" if denied else "invalid-credentials"
+            delay = limits.failed(client, action.username, self.name) if limits is not None else 0.0
+            self._fail_later(delay, action, self.reply("denied" if denied else "invalid"), result)
             return
-        if account is None:
-            self._fail(action, self.reply("invalid"), "unknown-account")
-            return
+        if limits is not None:
+            limits.succeeded(client)
         acquiring: defer.Deferred[Lease] = defer.ensureDeferred(self.deps.upstreams.acquire(account))
         acquiring.addTimeout(self.settings.login_timeout, self.reactor, onTimeoutCancel=_login_timed_out)
         try:
@@ -380,7 +450,18 @@ class GatewaySession(Protocol):
             pooled=lease.pooled)
         self._perform(self.login_succeeded(action, opened))
 
+    def _fail_later(self, delay: float, action: Any, text: bytes, result: str) -> None:
+        """Answer a failed login, after ``delay`` seconds when the limits say so (commands wait meanwhile)."""
+        if delay <= 0:
+            self._fail(action, text, result)
+            return
+        self._fail_call = self.reactor.callLater(delay, self._fail, action, text, result,
+                                                 f"(answer held {delay:.1f} s)")
+
     def _fail(self, action: Any, text: bytes, result: str, reason: str = "") -> None:
+        self._fail_call = None
+        if self._gone:
+            return
         LOGINS.labels(self.name, result).inc()
         log.info("{proto} login account={account} client={client} upstream=- result={result} {reason}",
                  proto=self.name.upper(), account=loggable(action.username), client=self.client,

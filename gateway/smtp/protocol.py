@@ -35,6 +35,7 @@ class SMTPGateway(GatewaySession):
     scope = "smtp"
     actions = preauth
     expired_text = b"421 4.4.2 Timeout waiting for authentication\r\n"
+    too_many_text = b"421 4.7.0 Too many connections\r\n"
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         super().__init__(deps, tls)

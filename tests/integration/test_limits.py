@@ -1,0 +1,101 @@
+"""Abuse limits end to end: failed-login delays, an address locked out while another logs in with
+the same token, the per-address connection cap, exempt addresses (short windows configured)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .gateway_proc import Gateway
+from .test_imap_login import read_until
+
+INVALID = b"NO [AUTHENTICATIONFAILED] Invalid credentials"
+
+
+@pytest.fixture(scope="module")
+def limited(dovecot, oauth2_provider):
+    workdir = Path(tempfile.mkdtemp(prefix="gw-limits-"))
+    gw = Gateway(workdir, dovecot, oauth2_provider,
+                 limits={"auth_failures": 3, "auth_window": 60, "auth_lockout_after": 6, "auth_lockout": 60,
+                         "max_connections_per_ip": 4, "exempt": ["127.0.0.9/32"]})
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def timed_login(gw: Gateway, user: str, password: str, source: str) -> tuple[float, bytes]:
+    sock = gw.raw(source=source)
+    try:
+        started = time.monotonic()
+        sock.sendall(b"a1 LOGIN " + user.encode() + b" " + password.encode() + b"\r\n")
+        answer = read_until(sock, b"a1 ")
+        return time.monotonic() - started, answer
+    finally:
+        sock.close()
+
+
+def test_failures_are_delayed_then_the_address_is_locked_out_but_not_the_account(limited, new_email):
+    """From 127.0.0.2: three wrong tokens answered at once, then growing delays; past six the address
+    gets the bad-token answer even with the right token, while 127.0.0.3 logs in with it at once."""
+    email = new_email("limits")
+    account = email.split("@")[0]
+    limited.add_oauth_account(account, email)
+    token = limited.token(account)
+    times = []
+    for _ in range(7):
+        seconds, answer = timed_login(limited, account, "0" * 64, "127.0.0.2")
+        assert INVALID in answer
+        times.append(seconds)
+    assert max(times[:3]) < 0.4
+    assert 0.45 <= times[3] < 2 and times[4] >= 0.95 and times[5] >= 1.9
+    seconds, answer = timed_login(limited, account, token, "127.0.0.2")  # right token, locked address
+    assert INVALID in answer
+    assert "Login lockout: address 127.0.0.2" in limited.log_text()
+    seconds, answer = timed_login(limited, account, token, "127.0.0.3")  # the account is not locked
+    assert b"a1 OK" in answer and seconds < 1.5
+
+
+def test_the_per_address_connection_cap(limited):
+    """Four connections from 127.0.0.4 are fine; the fifth gets `* BYE Too many connections` and is
+    closed; another address is not affected; a closed one frees its place."""
+    held = [limited.raw(source="127.0.0.4") for _ in range(4)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", limited.imap_port), timeout=10,
+                                         source_address=("127.0.0.4", 0))
+        assert extra.recv(4096) == b"* BYE Too many connections\r\n"
+        assert extra.recv(4096) == b""
+        extra.close()
+        other = limited.raw(source="127.0.0.5")
+        other.close()
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the gateway sees the close a moment later
+            again = socket.create_connection(("127.0.0.1", limited.imap_port), timeout=10,
+                                             source_address=("127.0.0.4", 0))
+            greeting = again.recv(4096)
+            again.close()
+            if greeting.startswith(b"* OK") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert greeting.startswith(b"* OK")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_exempt_addresses_are_never_slowed(limited, new_email):
+    """127.0.0.9 is in limits.exempt: ten wrong tokens in a row, every answer at once."""
+    email = new_email("exempt")
+    account = email.split("@")[0]
+    limited.add_oauth_account(account, email)
+    for _ in range(10):
+        seconds, answer = timed_login(limited, account, "1" * 64, "127.0.0.9")
+        assert INVALID in answer and seconds < 0.4
