@@ -43,6 +43,7 @@ class IMAPConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_connections_per_account: int = field(default=15, metadata=ZERO_OK)  # 0 = no cap
     limit_wait: float = field(default=5.0, metadata=ZERO_OK)
+    idle_timeout: float = field(default=1860.0, metadata=ZERO_OK)  # relayed session without a byte; 0 = none
 
 
 @dataclass(frozen=True)

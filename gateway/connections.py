@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import Counter, Gauge
 
@@ -30,15 +30,19 @@ class Session:
         self.started = time.time()
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
+        self._clock = registry.clock
+        self.last_active = self._clock()  # when the last byte was relayed, either way
         self._up = RELAYED.labels(protocol, "to_upstream")
         self._down = RELAYED.labels(protocol, "to_client")
 
     def to_upstream(self, n: int) -> None:
         self.bytes_to_upstream += n
+        self.last_active = self._clock()
         self._up.inc(n)
 
     def to_client(self, n: int) -> None:
         self.bytes_to_client += n
+        self.last_active = self._clock()
         self._down.inc(n)
 
     def close(self) -> None:
@@ -57,7 +61,8 @@ class Session:
 class Connections:
     """Registry of live relayed sessions."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._ids = itertools.count(1)
         self._sessions: dict[int, Session] = {}
 

@@ -45,6 +45,7 @@ class Core:
     connection_limits: ConnectionLimiter | None = None
 
     def __post_init__(self) -> None:
+        self.connections = Connections(clock=self.reactor.seconds)
         self.auth_limits = AuthLimiter(self.config.limits, self.reactor.seconds)
         self.connection_limits = ConnectionLimiter(self.config.limits, self.auth_limits)
         imap, smtp = self.config.imap, self.config.smtp

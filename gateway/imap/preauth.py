@@ -41,6 +41,12 @@ __all__ = [
     "unavailable",
 ]
 
+# Pre-auth lines, literals and whole commands are capped at 8 KiB (a token is 64 characters):
+# a longer line gets a tagged BAD and * BYE, and a larger literal is refused before its
+# continuation, then the connection is closed.
+MAX_PREAUTH = 8192
+_OVERSIZE = frozenset({"Line too long", "Literal too large", "Command too long"})
+
 INVALID_CREDENTIALS = b"[AUTHENTICATIONFAILED] Invalid credentials"
 ACCESS_DENIED = b"[AUTHENTICATIONFAILED] Access denied, traffic not accepted from this IP"
 PRIVACY_REQUIRED = b"[PRIVACYREQUIRED] Run STARTTLS first"
@@ -106,7 +112,7 @@ class PreAuth:
         self._state = State.NOT_AUTHENTICATED
         self._awaiting_tls = False  # StartTLS emitted, tls_started() not yet called
         self._auth_tag = b""
-        self._decoder = CommandDecoder()
+        self._decoder = CommandDecoder(max_line=MAX_PREAUTH, max_literal=MAX_PREAUTH)
 
     # -- public API ----------------------------------------------------------
 
@@ -213,8 +219,8 @@ class PreAuth:
             self._state = State.NOT_AUTHENTICATED
         reason = event.reason.encode("ascii", "replace")
         actions = self._bad(tag, reason)
-        if event.fatal and self._state is not State.LOGGED_OUT:
-            actions += self._bye(reason)
+        if (event.fatal or event.reason in _OVERSIZE) and self._state is not State.LOGGED_OUT:
+            actions += self._bye(reason)  # over the 8 KiB pre-auth cap: no second chance
         return actions
 
     def _unknown(self, command: Command) -> list[Action]:

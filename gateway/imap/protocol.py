@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
+
 from gateway.imap import preauth
 from gateway.imap.tracker import Tracker
 from gateway.net.opener import Opened
 from gateway.net.relay import Coalescer, couple
 from gateway.session import GatewaySession, SessionDeps, SessionFactory
+
+
+log = Logger()
 
 
 class _Tracked:
@@ -46,6 +51,13 @@ class IMAPGateway(GatewaySession):
         super().__init__(deps, tls)
         self.tracker: Tracker | None = None
         self._to_client: Coalescer | None = None
+        self._idle_call: Any = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        super().connectionLost(reason) if reason is not None else super().connectionLost()
 
     def make_machine(self) -> preauth.PreAuth:
         return preauth.PreAuth(tls=self.tls, allow_plaintext_login=self.settings.allow_plaintext_login,
@@ -77,6 +89,25 @@ class IMAPGateway(GatewaySession):
         pending = self.machine.take_pending()
         if pending:
             self.relay_from_client(pending)
+        if self.settings.idle_timeout:
+            self._idle_call = reactor.callLater(self.settings.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Close a relayed session that moved no byte either way for imap.idle_timeout seconds."""
+        self._idle_call = None
+        if self._gone or self.session is None:
+            return
+        quiet = self.reactor.seconds() - self.session.last_active
+        timeout = self.settings.idle_timeout
+        if quiet < timeout:
+            self._idle_call = self.reactor.callLater(timeout - quiet, self._check_idle)
+            return
+        log.info("IMAP session of account={account} client={client} closed: idle for {seconds:.0f} s",
+                 account=self.session.account, client=self.client, seconds=quiet)
+        if self._to_client is not None:
+            self._to_client.write(self.expired_text)
+            self._to_client.flush()
+        self.close_firmly()
 
     def relay_from_client(self, data: bytes) -> None:
         assert self._to_upstream is not None

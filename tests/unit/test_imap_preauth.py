@@ -277,13 +277,28 @@ def test_authenticate_other_mechanism_or_plaintext_is_refused() -> None:
     ) == [Send(b"a NO [PRIVACYREQUIRED] Run STARTTLS first\r\n")]
 
 
-def test_too_long_continuation_line_is_bad_with_the_authenticate_tag() -> None:
+def test_too_long_continuation_line_is_bad_with_the_authenticate_tag_and_ends_the_session() -> None:
     session = tls_session()
     session.receive_data(b"a AUTHENTICATE PLAIN\r\n")
     assert session.receive_data(b"A" * 9000 + b"\r\nb NOOP\r\n") == [
         Send(b"a BAD Line too long\r\n"),
-        Send(b"b OK NOOP completed\r\n"),
+        Send(b"* BYE Line too long\r\n"),
+        Close(),
     ]
+
+
+def test_preauth_lines_and_literals_are_capped_at_8_kib() -> None:
+    """A LOGIN line over 8 KiB: BAD, BYE, closed. A synchronizing literal over 8 KiB is refused before
+    its continuation (no `+`), then closed; 8 KiB itself is fine."""
+    session = tls_session()
+    assert session.receive_data(b"a LOGIN " + b"x" * 8200 + b" y\r\n") == [
+        Send(b"a BAD Line too long\r\n"), Send(b"* BYE Line too long\r\n"), Close()]
+    session = tls_session()
+    actions = session.receive_data(b"a LOGIN {8193}\r\n")
+    assert Send(b"+ Ready for literal data\r\n") not in actions
+    assert actions[-2:] == [Send(b"* BYE Literal too large\r\n"), Close()]
+    session = tls_session()
+    assert session.receive_data(b"a LOGIN {8000}\r\n") == [Send(b"+ Ready for literal data\r\n")]
 
 
 # -- helpers ------------------------------------------------------------------

@@ -50,7 +50,7 @@ def world() -> tuple[MemoryReactorClock, UpstreamPool, Upstreams, SessionDeps]:
     upstreams = Upstreams()
     pool = UpstreamPool("imap", PoolSettings(idle_ttl=60, max_idle=2), reactor, upstreams.open, IMAPKeeper())
     deps = SessionDeps(reactor=reactor, settings=load_config().imap, tokens=Store(), upstreams=pool,
-                       connections=Connections(), server_tls=None, version="0.1")
+                       connections=Connections(clock=reactor.seconds), server_tls=None, version="0.1")
     return reactor, pool, upstreams, deps
 
 
@@ -121,3 +121,23 @@ def test_a_session_that_used_idle_closes_its_upstream():
     assert up_transport.value().endswith(b"z1 LOGOUT\r\n")
     proto.connectionLost()
     assert pool.counts() == {"busy": 0, "idle": 0}
+
+
+def test_a_relayed_session_idle_for_idle_timeout_is_closed():
+    """No byte either way for imap.idle_timeout seconds: `* BYE Autologout` and closed; traffic resets it."""
+    reactor, pool, upstreams, deps = world()
+    timeout = deps.settings.idle_timeout
+    assert timeout == 1860
+    proto, transport = client(deps)
+    proto.dataReceived(b"a1 LOGIN alice tok\r\n")
+    up, up_transport = upstreams.opened[0]
+    reactor.advance(timeout - 10)
+    proto.dataReceived(b"n1 NOOP\r\n")   # activity 10 s before the deadline
+    reactor.advance(0)
+    up.dataReceived(b"n1 OK NOOP completed.\r\n")
+    reactor.advance(0)
+    reactor.advance(20)
+    assert not transport.disconnecting   # the deadline moved with the NOOP
+    transport.clear()
+    reactor.advance(timeout)
+    assert transport.value() == b"* BYE Autologout; idle for too long\r\n" and transport.disconnecting
