@@ -79,6 +79,7 @@ _PARAM_EXTENSION = {
 """Parameter keyword -> the EHLO extension that allows it (default: itself)."""
 _BDAT_SIZE = re.compile(rb"\A *([0-9]{1,18})(?: |\Z)")
 _UNSUPPORTED = b"555 5.5.4 Unsupported parameter"
+_NON_ASCII_MAILBOX = b"553 5.6.7 Non-ASCII mailbox not supported by the upstream server"
 
 
 class _Out:
@@ -336,6 +337,10 @@ class RelayFilter:
         if spans is None:  # unparsable: the upstream's syntax error is the answer
             self._forward(line, out)
             return
+        if b"SMTPUTF8" not in self._ext and any(byte >= 0x80 for byte in text[:spans[0][0] if spans else None]):
+            # We advertised SMTPUTF8; an upstream without it cannot take a non-ASCII mailbox.
+            self._local(_NON_ASCII_MAILBOX, out)
+            return
         strip: list[tuple[int, int]] = []
         for start, end in spans:
             keyword, _, value = text[start:end].partition(b"=")
@@ -375,9 +380,9 @@ class RelayFilter:
                 return b"555 5.5.4 BODY=8BITMIME not supported by the upstream server"
             return _UNSUPPORTED
         if mail and keyword == b"SMTPUTF8":
-            if b"SMTPUTF8" in ext:
-                return b""
-            return b"555 5.6.7 SMTPUTF8 not supported by the upstream server"
+            # Advertised by us, so never refused: without the upstream's support it is dropped,
+            # as an MTA does for an ASCII-only envelope (non-ASCII mailboxes got 553 above).
+            return b"" if b"SMTPUTF8" in ext else None
         return b"" if _PARAM_EXTENSION.get(keyword, keyword) in ext else _UNSUPPORTED
 
 

@@ -210,15 +210,21 @@ def test_8bitmime_passes(gateway, account, smtp_sink):
     assert got.original == body and b"BODY=8BITMIME" in got.mail_params
 
 
-def test_smtputf8_refused_when_the_upstream_lacks_it(gateway, account):
-    """Dovecot 2.3 submission has no SMTPUTF8: the gateway, which advertised it, refuses the
-    transaction with 555 5.6.7 instead of letting the upstream mangle it."""
+def test_smtputf8_degrades_when_the_upstream_lacks_it(gateway, account, smtp_sink):
+    """Dovecot 2.3 submission has no SMTPUTF8, which the gateway advertised: an ASCII envelope with
+    SMTPUTF8 is relayed without the parameter and delivered; a non-ASCII mailbox gets 553 5.6.7."""
     account_id, email, token = account
     conn = smtp(gateway)
     conn.login(account_id, token)
-    code, text = conn.mail(email, ["SMTPUTF8"])
-    assert (code, text) == (555, b"5.6.7 SMTPUTF8 not supported by the upstream server")
-    assert conn.mail(email)[0] == 250  # the session goes on
+    assert conn.mail(email, ["SMTPUTF8"])[0] == 250
+    assert conn.rcpt("rcpt@example.com")[0] == 250
+    assert conn.data(message("utf8-degraded"))[0] == 250
+    assert arrived(smtp_sink, email) is not None
+    conn.rset()
+    assert conn.mail(email)[0] == 250
+    conn.sock.sendall(b"RCPT TO:<j\xc3\xb6rg@example.com>\r\n")  # smtplib would not send it
+    code, text = conn.getreply()
+    assert (code, text) == (553, b"5.6.7 Non-ASCII mailbox not supported by the upstream server")
     conn.quit()
 
 

@@ -151,13 +151,21 @@ def test_size_is_stripped_when_upstream_lacks_it_other_lines_untouched() -> None
     assert relay().from_client(kept) == [ToUpstream(kept)]
 
 
-def test_8bitmime_and_smtputf8_refused_when_upstream_lacks_them() -> None:
+def test_8bitmime_refused_and_smtputf8_degraded_when_upstream_lacks_them() -> None:
+    """SMTPUTF8, which we advertise, is never refused: dropped for an ASCII envelope; a non-ASCII
+    mailbox (MAIL or RCPT) gets 553 5.6.7, as an MTA without an SMTPUTF8 next hop answers."""
     f = relay(BARE)
     assert f.from_client(b"MAIL FROM:<a@b> BODY=8BITMIME\r\n") == [
         ToClient(b"555 5.5.4 BODY=8BITMIME not supported by the upstream server\r\n")
     ]
-    assert f.from_client(b"MAIL FROM:<\xc3\xa9@b> SMTPUTF8\r\n") == [
-        ToClient(b"555 5.6.7 SMTPUTF8 not supported by the upstream server\r\n")
+    assert f.from_client(b"MAIL FROM:<a@b> SMTPUTF8\r\n") == [ToUpstream(b"MAIL FROM:<a@b>\r\n")]
+    g = relay(BARE)
+    assert g.from_client(b"MAIL FROM:<\xc3\xa9@b> SMTPUTF8\r\n") == [
+        ToClient(b"553 5.6.7 Non-ASCII mailbox not supported by the upstream server\r\n")
+    ]
+    h = relay(BARE)
+    assert h.from_client(b"RCPT TO:<j\xc3\xb6rg@b>\r\n") == [
+        ToClient(b"553 5.6.7 Non-ASCII mailbox not supported by the upstream server\r\n")
     ]
     line = b"MAIL FROM:<\xc3\xa9@b> BODY=8BITMIME SMTPUTF8\r\n"
     assert relay().from_client(line) == [ToUpstream(line)]
