@@ -127,18 +127,54 @@ class AuthLimiter:
             self._addresses.clear(address)
 
 
+FD_HEADROOM = 200  # descriptors kept for the store, logs, listeners, the API and DNS
+
+
+def open_files_cap(config: LimitsConfig) -> int:
+    """Raise the soft open-files limit to the hard one; the connection cap the descriptors allow.
+
+    A relayed session holds two descriptors (client and upstream). When the
+    limit is below what ``limits.max_connections`` needs, the cap is lowered
+    so that connections are refused with an answer before accept() or a
+    connect() fails with EMFILE. Returns the cap to use (0 = none).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1048576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    wanted = config.max_connections
+    need = 2 * wanted + FD_HEADROOM
+    log.info("Open files limit {limit} (hard {hard})", limit=soft,
+             hard="unlimited" if hard == resource.RLIM_INFINITY else hard)
+    if wanted == 0 or soft >= need:
+        return wanted
+    cap = max(1, (soft - FD_HEADROOM) // 2)
+    log.warn("Open files limit {limit} is below the {need} that limits.max_connections={wanted} needs "
+             "(two per session plus {headroom}): connections past {cap} are refused. Raise it: systemd "
+             "LimitNOFILE=, docker run --ulimit nofile=N:N, or ulimit -n.",
+             limit=soft, need=need, wanted=wanted, headroom=FD_HEADROOM, cap=cap)
+    return cap
+
+
 class ConnectionLimiter:
     """Client connections open now, per address and in all, against limits.max_connections(_per_ip)."""
 
-    def __init__(self, config: LimitsConfig, auth: AuthLimiter) -> None:
+    def __init__(self, config: LimitsConfig, auth: AuthLimiter, max_connections: int | None = None) -> None:
         self._config = config
         self._auth = auth
+        self._max = config.max_connections if max_connections is None else max_connections
         self._per_ip: dict[str, int] = {}
         self._total = 0
 
     def admit(self, address: str) -> bool:
         """Count a new connection in all; False (not counted) when limits.max_connections is reached."""
-        if self._config.max_connections and self._total >= self._config.max_connections and \
+        if self._max and self._total >= self._max and \
                 not self._auth.exempt(address):
             REFUSED.labels("total").inc()
             return False

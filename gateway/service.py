@@ -14,7 +14,7 @@ from gateway.auth.oauth2 import TokenSource
 from gateway.config import Config
 from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGatewayFactory
-from gateway.limits import AuthLimiter, ConnectionLimiter
+from gateway.limits import AuthLimiter, ConnectionLimiter, open_files_cap
 from gateway.imap.upstream import IMAP_KEEPER, IMAP_LEG
 from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.smtp.upstream import SMTP_LEG
@@ -43,11 +43,13 @@ class Core:
     pools: dict[str, UpstreamPool] = field(default_factory=dict)
     auth_limits: AuthLimiter | None = None
     connection_limits: ConnectionLimiter | None = None
+    max_connections: int | None = None   # limits.max_connections, lowered to what open files allow
 
     def __post_init__(self) -> None:
         self.connections = Connections(clock=self.reactor.seconds)
         self.auth_limits = AuthLimiter(self.config.limits, self.reactor.seconds)
-        self.connection_limits = ConnectionLimiter(self.config.limits, self.auth_limits)
+        self.connection_limits = ConnectionLimiter(self.config.limits, self.auth_limits,
+                                                   max_connections=self.max_connections)
         imap, smtp = self.config.imap, self.config.smtp
         self.pools["imap"] = UpstreamPool("imap", PoolSettings(
             max_connections=imap.max_connections_per_account, limit_wait=imap.limit_wait,
@@ -107,7 +109,8 @@ def make_core(config: Config, reactor: Any) -> Core:
                          timeout=config.upstream.connect_timeout)
     reactor.callWhenRunning(connector.ehlo.warm, configured_addresses(config.network))
     return Core(config=config, reactor=reactor, store=store, tokens=tokens, connector=connector,
-                server_tls=server_options(config.tls.cert, config.tls.key))
+                server_tls=server_options(config.tls.cert, config.tls.key),
+                max_connections=open_files_cap(config.limits))
 
 
 def make_service(config: Config, reactor: Any) -> service.MultiService:

@@ -67,6 +67,7 @@ class Gateway:
                 self.config[key] = value
         self.proc: subprocess.Popen[bytes] | None = None
         self.twistd_args: list[str] = []  # e.g. ["--profile=FILE", "--profiler=cprofile"]
+        self.nofile: int | None = None    # open-files limit (soft and hard) for the process
         self.admin_token = ""
         self.app_id = ""
 
@@ -74,10 +75,18 @@ class Gateway:
     def start(self, timeout: float = 20.0) -> "Gateway":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
+        nofile = self.nofile
+
+        def limit_files() -> None:
+            if nofile is not None:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             TWISTD + ["-n", "--pidfile=", f"--logfile={self.log_path}", *self.twistd_args,
              "gateway", "--config", str(self.config_path)],
-            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"))
+            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr", "wb"),
+            preexec_fn=limit_files if nofile is not None else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -99,3 +99,27 @@ def test_exempt_addresses_are_never_slowed(limited, new_email):
     for _ in range(10):
         seconds, answer = timed_login(limited, account, "1" * 64, "127.0.0.9")
         assert INVALID in answer and seconds < 0.4
+
+
+def test_a_low_open_files_limit_lowers_the_connection_cap_with_a_warning(dovecot, oauth2_provider):
+    """With 256 descriptors the gateway says so at start-up and refuses connections past (256-200)/2
+    = 28 with `* BYE Too many connections`, instead of running out of descriptors."""
+    workdir = Path(tempfile.mkdtemp(prefix="gw-nofile-"))
+    gw = Gateway(workdir, dovecot, oauth2_provider, limits={"exempt": [], "max_connections_per_ip": 0})
+    gw.nofile = 256
+    held: list[socket.socket] = []
+    try:
+        gw.start()
+        assert "Open files limit 256 is below the 20200 that limits.max_connections=10000 needs" in gw.log_text()
+        for _ in range(28):
+            sock = socket.create_connection(("127.0.0.1", gw.imap_port), timeout=10)
+            held.append(sock)
+            assert sock.recv(4096).startswith(b"* OK")
+        extra = socket.create_connection(("127.0.0.1", gw.imap_port), timeout=10)
+        held.append(extra)
+        assert extra.recv(4096) == b"* BYE Too many connections\r\n"
+    finally:
+        for sock in held:
+            sock.close()
+        gw.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
