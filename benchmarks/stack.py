@@ -76,8 +76,8 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 @contextmanager
-def upstreams(prefix: str, *, sink: bool = False,
-              max_connections: int | None = None) -> Iterator[Upstreams]:
+def upstreams(prefix: str, *, sink: bool = False, max_connections: int | None = None,
+              dovecot_config: str = "") -> Iterator[Upstreams]:
     """Start provider and Dovecot (limits raised for ``max_connections`` sessions if given)."""
     root = Path(tempfile.mkdtemp(prefix=prefix))
     with ExitStack() as cleanup:
@@ -87,7 +87,8 @@ def upstreams(prefix: str, *, sink: bool = False,
         os.chmod(root / "dovecot", 0o755)
         provider = OAuth2Provider().start()
         cleanup.callback(provider.stop)
-        dovecot = Dovecot(root / "dovecot", provider, max_connections=max_connections)
+        dovecot = Dovecot(root / "dovecot", provider, max_connections=max_connections,
+                          extra_config=dovecot_config)
         cleanup.callback(dovecot.stop)
         dovecot.start()
         relay = None
