@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import imaplib
 import json
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -202,6 +205,21 @@ class Gateway:
             sock = self.client_context().wrap_socket(sock, server_hostname="localhost")
         sock.recv(4096)
         return sock
+
+
+@contextmanager
+def started_gateway(dovecot: Dovecot, provider: OAuth2Provider, prefix: str,
+                    nofile: int | None = None, **overrides: Any) -> Iterator[Gateway]:
+    """A gateway of its own (config ``overrides``) in a temporary directory; stopped and removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    gw = Gateway(workdir, dovecot, provider, **overrides)
+    gw.nofile = nofile
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class _SourcedIMAP4(imaplib.IMAP4):

@@ -3,30 +3,22 @@ clients that send but never read."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from .gateway_proc import Gateway
+from .gateway_proc import Gateway, started_gateway
 
 
 @pytest.fixture(scope="module")
 def strict(dovecot, oauth2_provider):
     """A gateway whose clients have 1 s to log in."""
-    workdir = Path(tempfile.mkdtemp(prefix="gw-strict-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider,
-                 imap={"preauth_timeout": 1}, smtp={"preauth_timeout": 1})
-    try:
-        gw.start()
+    with started_gateway(dovecot, oauth2_provider, "gw-strict-",
+                         imap={"preauth_timeout": 1}, smtp={"preauth_timeout": 1}) as gw:
         yield gw
-    finally:
-        gw.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def closed_within(sock: socket.socket, seconds: float) -> float | None:
@@ -150,14 +142,16 @@ def test_a_slow_oauth2_provider_delays_no_other_account(dovecot, oauth2_provider
     """20 accounts whose token endpoint answers one byte a second: each gets NO [UNAVAILABLE]
     within the request deadline; meanwhile an account with a cached access token logs in at its
     normal speed, and the gateway starts no thread per refresh."""
+    with started_gateway(dovecot, oauth2_provider, "gw-slowidp-", upstream={"connect_timeout": 3},
+                         imap={"login_timeout": 10, "pool": {"idle_ttl": 0}}) as gw:
+        _slow_provider_run(gw, oauth2_provider, new_email)
+
+
+def _slow_provider_run(gw: Gateway, oauth2_provider, new_email) -> None:
     import imaplib
     import threading
 
-    workdir = Path(tempfile.mkdtemp(prefix="gw-slowidp-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider, upstream={"connect_timeout": 3},
-                 imap={"login_timeout": 10, "pool": {"idle_ttl": 0}})
     try:
-        gw.start()
         email = new_email("cached")
         cached = email.split("@")[0]
         gw.add_oauth_account(cached, email)
@@ -206,8 +200,6 @@ def test_a_slow_oauth2_provider_delays_no_other_account(dovecot, oauth2_provider
             assert seconds < 6
     finally:
         oauth2_provider.dribble.clear()
-        gw.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_provider_error_page_reaches_the_client_as_text(gateway, oauth2_provider, new_email):

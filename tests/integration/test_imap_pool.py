@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .gateway_proc import Gateway, wait_for
+from .gateway_proc import Gateway, started_gateway, wait_for
 from .test_imap_login import message, read_until
 
 
@@ -248,17 +248,11 @@ def test_connections_and_metrics_say_pooled(gateway, account):
 @pytest.fixture(scope="module")
 def capped(dovecot, oauth2_provider):
     """A gateway whose accounts may have 10 upstream IMAP connections and 2 SMTP ones, waiting 2 s for one."""
-    workdir = Path(tempfile.mkdtemp(prefix="gw-capped-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider,
-                 imap={"max_connections_per_account": 10, "limit_wait": 2,
-                       "pool": {"idle_ttl": 60, "max_idle_per_account": 10}},
-                 smtp={"max_connections_per_account": 2, "limit_wait": 1})
-    try:
-        gw.start()
+    with started_gateway(dovecot, oauth2_provider, "gw-capped-",
+                         imap={"max_connections_per_account": 10, "limit_wait": 2,
+                               "pool": {"idle_ttl": 60, "max_idle_per_account": 10}},
+                         smtp={"max_connections_per_account": 2, "limit_wait": 1}) as gw:
         yield gw
-    finally:
-        gw.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _parallel(count: int, work) -> list:
@@ -380,10 +374,7 @@ def _smtp_login_works(connect) -> bool:
 
 def test_pooling_off_opens_a_connection_per_login(dovecot, oauth2_provider, new_email):
     """imap.pool.idle_ttl: 0 turns pooling off: LOGOUT goes upstream, every login is an upstream login."""
-    workdir = Path(tempfile.mkdtemp(prefix="gw-nopool-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider, imap={"pool": {"idle_ttl": 0}})
-    try:
-        gw.start()
+    with started_gateway(dovecot, oauth2_provider, "gw-nopool-", imap={"pool": {"idle_ttl": 0}}) as gw:
         email = new_email("nopool")
         account_id = email.split("@")[0]
         gw.add_oauth_account(account_id, email)
@@ -393,9 +384,6 @@ def test_pooling_off_opens_a_connection_per_login(dovecot, oauth2_provider, new_
             answer = logout(session(gw, account_id, token))
             assert answer.startswith(b"* BYE Logging out\r\nz9 OK Logout completed (")  # Dovecot's own
         assert upstream_logins(gw, email) - before == 3
-    finally:
-        gw.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_upstream_tls_sessions_are_resumed(oauth2_provider, new_email):

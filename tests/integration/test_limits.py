@@ -3,15 +3,12 @@ the same token, the per-address connection cap, exempt addresses (short windows 
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from .gateway_proc import Gateway
+from .gateway_proc import Gateway, started_gateway
 from .test_imap_login import read_until
 
 INVALID = b"NO [AUTHENTICATIONFAILED] Invalid credentials"
@@ -19,16 +16,11 @@ INVALID = b"NO [AUTHENTICATIONFAILED] Invalid credentials"
 
 @pytest.fixture(scope="module")
 def limited(dovecot, oauth2_provider):
-    workdir = Path(tempfile.mkdtemp(prefix="gw-limits-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider,
-                 limits={"auth_failures": 3, "auth_window": 60, "auth_lockout_after": 6, "auth_lockout": 60,
-                         "max_connections_per_ip": 4, "exempt": ["127.0.0.9/32"]})
-    try:
-        gw.start()
+    with started_gateway(dovecot, oauth2_provider, "gw-limits-",
+                         limits={"auth_failures": 3, "auth_window": 60, "auth_lockout_after": 6,
+                                 "auth_lockout": 60, "max_connections_per_ip": 4,
+                                 "exempt": ["127.0.0.9/32"]}) as gw:
         yield gw
-    finally:
-        gw.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def timed_login(gw: Gateway, user: str, password: str, source: str) -> tuple[float, bytes]:
@@ -104,12 +96,14 @@ def test_exempt_addresses_are_never_slowed(limited, new_email):
 def test_a_low_open_files_limit_lowers_the_connection_cap_with_a_warning(dovecot, oauth2_provider):
     """With 256 descriptors the gateway says so at start-up and refuses connections past (256-200)/2
     = 28 with `* BYE Too many connections`, instead of running out of descriptors."""
-    workdir = Path(tempfile.mkdtemp(prefix="gw-nofile-"))
-    gw = Gateway(workdir, dovecot, oauth2_provider, limits={"exempt": [], "max_connections_per_ip": 0})
-    gw.nofile = 256
     held: list[socket.socket] = []
+    with started_gateway(dovecot, oauth2_provider, "gw-nofile-", nofile=256,
+                         limits={"exempt": [], "max_connections_per_ip": 0}) as gw:
+        _low_limit_run(gw, held)
+
+
+def _low_limit_run(gw: Gateway, held: list[socket.socket]) -> None:
     try:
-        gw.start()
         assert "Open files limit 256 is below the 20200 that limits.max_connections=10000 needs" in gw.log_text()
         for _ in range(28):
             sock = socket.create_connection(("127.0.0.1", gw.imap_port), timeout=10)
@@ -121,5 +115,3 @@ def test_a_low_open_files_limit_lowers_the_connection_cap_with_a_warning(dovecot
     finally:
         for sock in held:
             sock.close()
-        gw.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
