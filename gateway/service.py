@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -96,13 +97,26 @@ class StoreService(service.Service):
         return self.store.stop()
 
 
+def listen_addresses(config: Config) -> tuple[str, ...]:
+    """The specific addresses the client listeners bind (``interface=``), for the certificate's SANs."""
+    found: list[str] = []
+    for description in (*config.imap.listen, *config.imap.starttls_listen, *config.smtp.listen,
+                        *config.smtp.implicit_tls_listen):
+        match = re.search(r"interface=((?:\\:|[^:])+)", description)
+        if match:
+            address = match.group(1).replace("\\:", ":")
+            if address not in ("0.0.0.0", "::", "") and address not in found:
+                found.append(address)
+    return tuple(found)
+
+
 def make_core(config: Config, reactor: Any) -> Core:
     """Open the store, prepare TLS material and the outbound connector."""
     from gateway.store import open_store
     from gateway.store.base import AsyncStore
 
     check_configured(config.network)  # ConfigError when a source address is not on this machine
-    ensure_certificate(config.tls.cert, config.tls.key)
+    ensure_certificate(config.tls.cert, config.tls.key, names=listen_addresses(config))
     store = AsyncStore(open_store(config), reactor)
     connector = Connector(reactor, config, store)
     tokens = TokenSource(store, reactor, connector=connector, margin=config.upstream.refresh_margin,

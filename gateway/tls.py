@@ -26,46 +26,103 @@ from zope.interface import implementer
 log = Logger()
 
 
-def ensure_certificate(cert_path: str, key_path: str, hostname: str | None = None) -> bool:
-    """Write a self-signed certificate and key when either file is missing.
+CA_CERT = "gateway-ca.pem"   # beside tls.cert
+CA_KEY = "gateway-ca.key"
 
-    Returns True when new files were generated. The key is written 0600.
+
+def ensure_certificate(cert_path: str, key_path: str, hostname: str | None = None,
+                       names: tuple[str, ...] = ()) -> bool:
+    """When neither tls.cert nor tls.key exists: a local CA beside them and a certificate it signs.
+
+    The way mkcert does it: clients trust ``gateway-ca.pem`` once (Thunderbird's
+    Authorities, the macOS keychain, Python's ``cafile=``), and the server
+    certificate is a proper leaf (``CA:FALSE``, serverAuth, SANs for the host
+    name, ``localhost``, 127.0.0.1, ::1 and ``names``). An existing CA is reused,
+    so a new server certificate stays trusted. When only one of the two files
+    exists (a typo in a path) nothing is written: ConfigError names the missing
+    one. Keys are written 0600. Returns True when files were generated.
     """
+    from gateway.config import ConfigError
+
     cert_file, key_file = Path(cert_path), Path(key_path)
     if cert_file.exists() and key_file.exists():
         return False
+    if cert_file.exists() or key_file.exists():
+        missing, present = ("tls.key", "tls.cert") if cert_file.exists() else ("tls.cert", "tls.key")
+        missing_path = key_path if cert_file.exists() else cert_path
+        raise ConfigError(f"config key {missing}: {missing_path} does not exist while {present} does; "
+                          f"nothing is generated over an existing file: fix the path, or remove both "
+                          f"to have a local CA and a certificate generated")
     hostname = hostname or socket.gethostname() or "localhost"
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    ca_cert_file, ca_key_file = cert_file.parent / CA_CERT, cert_file.parent / CA_KEY
     now = datetime.datetime.now(datetime.timezone.utc)
-    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    if ca_cert_file.exists() and ca_key_file.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_file.read_bytes())
+        loaded = serialization.load_pem_private_key(ca_key_file.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"config key tls.cert: {ca_key_file} is not the EC key of a gateway CA")
+        ca_key = loaded
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "IMAP/SMTP gateway local CA"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, f"gateway local CA {hostname}")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                         key_cert_sign=True, crl_sign=True, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_key(ca_key_file, ca_key)
+        ca_cert_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        log.info("Generated a local CA in {ca}: trust it in mail clients (README \"Certificates\")",
+                 ca=str(ca_cert_file))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt_names: list[x509.GeneralName] = []
+    for name in (hostname, "localhost", *names):
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(name.strip("[]"))))
+        except ValueError:
+            alt_names.append(x509.DNSName(name))
     alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    unique: list[x509.GeneralName] = []
+    for alt in alt_names:
+        if alt not in unique:
+            unique.append(alt)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(x509.SubjectAlternativeName(unique), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
     )
-    cert_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    _write_key(key_file, key)
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    log.info("Generated a self-signed certificate for {hostname} in {cert}", hostname=hostname, cert=cert_path)
+    log.info("Generated a certificate for {hostname} signed by the local CA in {cert}",
+             hostname=hostname, cert=cert_path)
     return True
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
 
 
 def server_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:

@@ -185,7 +185,12 @@ class Gateway:
 
     # clients
     def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.workdir / "gw.pem"))
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    @property
+    def ca_file(self) -> Path:
+        """The local CA the gateway generated beside its certificate (what clients trust)."""
+        return self.workdir / "gateway-ca.pem"
 
     def imap(self, source: str | None = None) -> imaplib.IMAP4_SSL:
         """imaplib over implicit TLS to the gateway, optionally from a given source address."""

@@ -170,7 +170,7 @@ type = IMAP
 remotehost = localhost
 remoteport = {gateway.imaps_port}
 ssl = yes
-sslcacertfile = {gateway.workdir / 'gw.pem'}
+sslcacertfile = {gateway.ca_file}
 remoteuser = {account_id}
 remotepass = {token}
 folderfilter = lambda f: f == 'Reports'

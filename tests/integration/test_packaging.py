@@ -24,3 +24,24 @@ def test_bad_config_stops_with_one_clear_line(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == ["gateway: unknown config key imap.lisen"]
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_typo_in_tls_key_stops_start_up_with_one_line_and_keeps_the_certificate(dovecot, oauth2_provider,
+                                                                                  tmp_path):
+    """First start generates the local CA and certificate; a second start whose tls.key path has a
+    typo refuses with one line naming tls.key and leaves the certificate as it was."""
+    import pytest
+
+    from .gateway_proc import Gateway
+
+    gw = Gateway(tmp_path / "gw", dovecot, oauth2_provider)
+    gw.start()
+    gw.stop()
+    cert = (tmp_path / "gw" / "gw.pem").read_bytes()
+    assert (tmp_path / "gw" / "gateway-ca.pem").exists()
+    typo = Gateway(tmp_path / "gw", dovecot, oauth2_provider, tls={"key": str(tmp_path / "gw" / "gw.kye")})
+    with pytest.raises(RuntimeError, match="gateway exited"):
+        typo.start(timeout=15)
+    lines = typo.stderr().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gateway: config key tls.key: ")
+    assert (tmp_path / "gw" / "gw.pem").read_bytes() == cert

@@ -94,7 +94,7 @@ def test_swaks_sends_through_the_gateway(gateway, account, smtp_sink):
     account_id, email, token = account
     out = subprocess.run(
         ["swaks", "--server", "localhost", "--port", str(gateway.smtp_port), "--tls",
-         "--tls-verify", "--tls-ca-path", str(gateway.workdir / "gw.pem"),
+         "--tls-verify", "--tls-ca-path", str(gateway.ca_file),
          "--auth", "PLAIN", "--auth-user", account_id, "--auth-password", token,
          "--from", email, "--to", "swaks@example.com", "--header", "Subject: swaks test",
          "--body", "sent by swaks"],

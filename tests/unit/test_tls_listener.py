@@ -89,7 +89,7 @@ def test_haproxy_ssl_accepts_header_in_clear_then_tls(tmp_path):
     gateway protocol decrypted, and it sees the client's address from the header."""
     reactor, _parsed, _factory = listen("haproxy:ssl:2993:interface=127.0.0.1", tmp_path)
     server = reactor.tcpServers[0][1].buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    trust = ssl.Certificate.loadPEM((tmp_path / "gw.pem").read_bytes())
+    trust = ssl.Certificate.loadPEM((tmp_path / "gateway-ca.pem").read_bytes())
     client_app = Recorder()
     client_tls = TLSMemoryBIOFactory(ssl.optionsForClientTLS("localhost", trustRoot=trust), True,
                                      Factory.forProtocol(lambda: client_app), clock=reactor).buildProtocol(None)
@@ -110,3 +110,48 @@ def test_other_listeners_are_parsed_unchanged(tmp_path):
         assert listener_endpoint(description, "c.pem", "k.pem", reactor) == (description, reactor)
     assert not isinstance(listener_endpoint("ssl:2993", "c.pem", "k.pem", MemoryReactorClock())[1],
                           ProxyHeaderThenTLS)
+
+
+def test_first_start_makes_a_local_ca_and_a_leaf_it_signs(tmp_path):
+    """Neither file: gateway-ca.pem (CA:TRUE, key 0600) and a CA:FALSE serverAuth leaf with SANs for the
+    host name, localhost, loopback and the listen addresses, verifying against the CA."""
+    import os
+    import stat
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    cert, key = tmp_path / "certs" / "gw.pem", tmp_path / "certs" / "gw.key"
+    assert ensure_certificate(str(cert), str(key), hostname="mail.example", names=("192.0.2.5",))
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "gateway-ca.pem").read_bytes())
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert ExtendedKeyUsageOID.SERVER_AUTH in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"mail.example", "localhost"}
+    assert {str(a) for a in sans.get_values_for_type(x509.IPAddress)} == {"192.0.2.5", "127.0.0.1", "::1"}
+    leaf.verify_directly_issued_by(ca)
+    for secret in (key, tmp_path / "certs" / "gateway-ca.key"):
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    # A new leaf (both files removed) is signed by the same CA: clients keep trusting it.
+    cert.unlink(), key.unlink()
+    assert ensure_certificate(str(cert), str(key), hostname="mail.example")
+    x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(ca)
+    assert not ensure_certificate(str(cert), str(key))  # both exist: used as they are
+
+
+def test_one_file_missing_is_refused_without_touching_the_other(tmp_path):
+    """tls.cert exists and tls.key is a typo: one line naming tls.key, and the certificate is untouched."""
+    import pytest
+
+    from gateway.config import ConfigError
+
+    cert, key = tmp_path / "gw.pem", tmp_path / "gw.key"
+    ensure_certificate(str(cert), str(key), hostname="localhost")
+    before = cert.read_bytes()
+    with pytest.raises(ConfigError, match=r"^config key tls\.key: .*gw\.kye does not exist while tls\.cert"):
+        ensure_certificate(str(cert), str(tmp_path / "gw.kye"))
+    with pytest.raises(ConfigError, match=r"^config key tls\.cert: "):
+        ensure_certificate(str(tmp_path / "gw.pme"), str(key))
+    assert cert.read_bytes() == before and not (tmp_path / "gw.kye").exists()
