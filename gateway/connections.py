@@ -27,6 +27,8 @@ class Session:
         self.source = source
         self.proxy = proxy
         self.pooled = pooled  # the upstream connection was reused from the pool
+        self.token_id: str | None = None  # the client token's public id (for ?disconnect=true)
+        self.ender: Callable[[], None] | None = None  # ends the session (set by the protocol)
         self.started = time.time()
         self.bytes_to_upstream = 0
         self.bytes_to_client = 0
@@ -76,6 +78,23 @@ class Connections:
     def _close(self, session: Session) -> None:
         if self._sessions.pop(session.id, None) is not None:
             SESSIONS.labels(session.protocol).dec()
+
+    def end(self, session_id: int) -> bool:
+        """End one live session (the administrator's DELETE); False when there is none."""
+        session = self._sessions.get(session_id)
+        if session is None or session.ender is None:
+            return False
+        session.ender()
+        return True
+
+    def end_token(self, token_id: str) -> int:
+        """End every live session that logged in with this token; how many."""
+        ended = 0
+        for session in list(self._sessions.values()):
+            if session.token_id == token_id and session.ender is not None:
+                session.ender()
+                ended += 1
+        return ended
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [s.view() for s in self._sessions.values()]

@@ -63,8 +63,8 @@ def loggable(name: str) -> str:
 class TokenChecker(Interface):
     """Checks a client's token and finds its account (the store)."""
 
-    def check_login(self, secret: str, scope: str, peer_ip: str | None,
-                    account: str) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None]]: ...
+    def check_login(self, secret: str, scope: str, peer_ip: str | None, account: str
+                    ) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None, str | None]]: ...
 
 
 class UpstreamSource(Interface):
@@ -128,6 +128,7 @@ class GatewaySession(Protocol):
     actions: ModuleType  # the pre-auth module: its actions, State and reply texts
     expired_text = b""   # written when the pre-auth timeout fires
     too_many_text = b""  # written when a connection cap refuses the connection
+    ended_text = b""     # written when an administrator ends the session
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         self.deps = deps
@@ -146,6 +147,7 @@ class GatewaySession(Protocol):
         self._output_watch: FlowProducer | None = None
         self._queued = 0  # bytes written since the transport said it is full
         self._refused = False
+        self._ended_by_admin = False
         self._counted = False         # in the connection limiter's total
         self._counted_address = ""    # in its per-address count
         self._fail_call: Any = None   # a failed login's delayed answer
@@ -304,6 +306,26 @@ class GatewaySession(Protocol):
             if self.flow is not None:
                 self.flow.resume(OUTPUT)
 
+    def end_by_admin(self) -> None:
+        """DELETE /v1/connections/{id} or a token revoked with ?disconnect=true: tell the client, close
+        both legs (the upstream is not kept: whoever is being cut off, its connection goes too)."""
+        if self._gone:
+            return
+        log.info("{proto} session of account={account} client={client} ended by administrator",
+                 proto=self.name.upper(), account=self.session.account if self.session else "-",
+                 client=self.client or "-")
+        self._ended_by_admin = True
+        to_client = getattr(self, "_to_client", None)
+        if to_client is not None:
+            to_client.write(self.ended_text)
+            to_client.flush()
+        else:
+            transport_of(self).write(self.ended_text)
+        self.give_back_upstream()
+        self.close_firmly()
+        if self.session is not None:
+            self.session.close()  # gone from /v1/connections now, not when the close completes
+
     def give_back_upstream(self) -> None:
         """End the lease: release a clean upstream to the pool, close any other."""
         lease, self.lease = self.lease, None
@@ -315,6 +337,8 @@ class GatewaySession(Protocol):
         why_not, selected = self.upstream_reusable()
         if self._upstream_gone or up.transport is None:
             why_not = "upstream closed"
+        elif self._ended_by_admin:
+            why_not = "session ended by administrator"
         if why_not:
             if self.deps.upstreams.pooling:
                 log.info("{proto} upstream of account={account} closed, not reusable: {why}",
@@ -412,7 +436,7 @@ class GatewaySession(Protocol):
             # Locked out: the bad-token answer whatever the token, without checking it.
             self._fail_later(MAX_DELAY, action, self.reply("invalid"), "locked-out")
             return
-        check, account = await self.deps.tokens.check_login(
+        check, account, token_id = await self.deps.tokens.check_login(
             action.password, self.scope, client or None, action.username)
         if self._gone:
             return
@@ -448,6 +472,8 @@ class GatewaySession(Protocol):
         self.session = self.deps.connections.open(
             self.name, action.username, client, str(opened.target), opened.route.source, opened.route.proxy,
             pooled=lease.pooled)
+        self.session.token_id = token_id
+        self.session.ender = self.end_by_admin
         self._perform(self.login_succeeded(action, opened))
 
     def _fail_later(self, delay: float, action: Any, text: bytes, result: str) -> None:

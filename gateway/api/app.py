@@ -151,7 +151,9 @@ class ApiResource(resource.Resource):
             principal = await self._authenticate(request) if route.auth else None
             content = getattr(request, "content", None)
             body = content.read() if content is not None else b""
-            reply = await route.handler(Call(params, body, principal, _peer_ip(request)))
+            args: dict[bytes, list[bytes]] = request.args or {}
+            query = {k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace") for k, v in args.items() if v}
+            reply = await route.handler(Call(params, body, principal, _peer_ip(request), query))
         except ApiError as exc:
             reply = _error(exc.status, exc.error, exc.message)
             reply.headers.update(exc.headers)

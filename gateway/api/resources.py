@@ -76,6 +76,16 @@ class Call:
     body: bytes
     principal: dict[str, Any] | None
     peer_ip: str | None = None
+    query: dict[str, str] = field(default_factory=dict)  # the first value of each query argument
+
+    def flag(self, name: str) -> bool:
+        """A true/false query argument (`?disconnect=true`); anything else is a 400."""
+        value = self.query.get(name)
+        if value is None or value.lower() in ("false", "0", "no"):
+            return False
+        if value.lower() in ("true", "1", "yes", ""):
+            return True
+        raise ApiError(400, "BadRequest", f"query argument {name} must be true or false")
 
     def json(self) -> dict[str, Any]:
         """The body parsed as a JSON object, or ApiError 400."""
@@ -259,9 +269,13 @@ class Handlers:
             raise NotFound("token not found")
         if call.bound_account is not None and record.get("account") != call.bound_account:
             raise NotFound("token not found")
+        disconnect = call.flag("disconnect")
         if not await self.store.revoke_token(token_or_id):
             raise NotFound("token not found")
-        return Reply({"deleted": True})
+        body: dict[str, Any] = {"deleted": True}
+        if disconnect and self.connections is not None:
+            body["disconnected"] = self.connections.end_token(record["id"])
+        return Reply(body)
 
     # Network settings ------------------------------------------------------
 
@@ -290,6 +304,21 @@ class Handlers:
         if call.bound_account is not None:
             sessions = [s for s in sessions if s.get("account") == call.bound_account]
         return Reply({"connections": sessions})
+
+    async def end_connection(self, call: Call) -> Reply:
+        """DELETE /v1/connections/{id} -> {deleted: true}: the session is ended (IMAP `* BYE Session
+        ended by administrator`, SMTP `421 4.3.2 Session ended by administrator`)"""
+        try:
+            session_id = int(call.params["id"])
+        except ValueError:
+            raise NotFound(f"connection {call.params['id']} not found") from None
+        sessions = self.connections.snapshot() if self.connections is not None else []
+        found = next((s for s in sessions if s.get("id") == session_id), None)
+        if found is None or (call.bound_account is not None and found.get("account") != call.bound_account):
+            raise NotFound(f"connection {session_id} not found")
+        assert self.connections is not None
+        self.connections.end(session_id)
+        return Reply({"deleted": True})
 
     async def metrics(self, call: Call) -> Reply:
         """GET /metrics -> Prometheus text.
@@ -325,6 +354,7 @@ class Handlers:
             ("GET", "/v1/settings/network", self.get_network, True),
             ("PUT", "/v1/settings/network", self.put_network, True),
             ("GET", "/v1/connections", self.list_connections, True),
+            ("DELETE", "/v1/connections/{id}", self.end_connection, True),
             ("GET", "/metrics", self.metrics, True),
             ("GET", "/health", self.health, False),
         ]

@@ -46,6 +46,7 @@ class IMAPGateway(GatewaySession):
     actions = preauth
     expired_text = b"* BYE Autologout; idle for too long\r\n"
     too_many_text = b"* BYE Too many connections\r\n"
+    ended_text = b"* BYE Session ended by administrator\r\n"
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         super().__init__(deps, tls)

@@ -36,6 +36,7 @@ class SMTPGateway(GatewaySession):
     actions = preauth
     expired_text = b"421 4.4.2 Timeout waiting for authentication\r\n"
     too_many_text = b"421 4.7.0 Too many connections\r\n"
+    ended_text = b"421 4.3.2 Session ended by administrator\r\n"
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         super().__init__(deps, tls)

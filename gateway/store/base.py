@@ -187,14 +187,14 @@ class AsyncStore:
         return self._call(self.sync.verify_token, secret, scope, peer_ip, account)
 
     def check_login(self, secret: str, scope: str, peer_ip: str | None, account: str
-                    ) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None]]:
+                    ) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None, str | None]]:
         """A client login's token check and, when it passes, the account with its secrets
-        (None when it does not exist), in one trip to the store thread."""
-        def both() -> tuple[TokenCheck, dict[str, Any] | None]:
-            check, _record = self.sync.verify_token(secret, scope, peer_ip, account)
+        (None when it does not exist) and the token's public id, in one trip to the store thread."""
+        def both() -> tuple[TokenCheck, dict[str, Any] | None, str | None]:
+            check, record = self.sync.verify_token(secret, scope, peer_ip, account)
             if check is not TokenCheck.OK:
-                return check, None
-            return check, self.sync.get_account(account, with_secrets=True)
+                return check, None, None
+            return check, self.sync.get_account(account, with_secrets=True), (record or {}).get("id")
         return self._call(both)
 
     def get_token(self, token_or_id: str) -> defer.Deferred[dict[str, Any] | None]:

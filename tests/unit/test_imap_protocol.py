@@ -32,7 +32,7 @@ class RecordingStore:
             d: defer.Deferred[Any] = defer.Deferred()
             self.pending.append(d)
             return d
-        return defer.succeed((self.result, None))
+        return defer.succeed((self.result, None, None))
 
 
 class NoUpstreams:
@@ -126,7 +126,7 @@ def test_bytes_behind_login_are_held_and_bounded():
     assert transport.value() == b"" and transport.producerState == "producing"
     proto.dataReceived(b"x" * 2000)
     assert transport.producerState == "paused"
-    store.pending[0].callback((TokenCheck.INVALID, None))
+    store.pending[0].callback((TokenCheck.INVALID, None, None))
     assert transport.producerState == "producing"
     assert transport.value().startswith(b"a1 NO [AUTHENTICATIONFAILED] Invalid credentials\r\n")
     assert b"a2 BAD" in transport.value()

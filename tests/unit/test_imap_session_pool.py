@@ -28,7 +28,7 @@ CAPS = b"IMAP4rev1 UNSELECT IDLE"
 
 class Store:
     def check_login(self, secret: str, scope: str, peer: str | None, account: str):
-        return defer.succeed((TokenCheck.OK, {"account": account, "email": f"{account}@example.com"}))
+        return defer.succeed((TokenCheck.OK, {"account": account, "email": f"{account}@example.com"}, "tok1"))
 
 
 class Upstreams:
