@@ -30,7 +30,7 @@ class CliError(Exception):
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Manage the IMAP/SMTP gateway's store.")
     parser.add_argument("--config", metavar="FILE", help="gateway.yaml (default: built-in defaults)")
-    top = parser.add_subparsers(dest="group", metavar="{token,account,app}", required=True)
+    top = parser.add_subparsers(dest="group", metavar="{token,account,app,store}", required=True)
 
     token = top.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
     create = token.add_parser("create", help="issue a token; prints it alone on stdout")
@@ -78,6 +78,12 @@ def _build_parser() -> argparse.ArgumentParser:
     app.add_parser("list", help="list apps as JSON lines (no secrets)")
     app_delete = app.add_parser("delete", help="delete an app no account uses")
     app_delete.add_argument("app", metavar="APPID")
+
+    store = top.add_parser("store", help="the store itself").add_subparsers(dest="action", required=True)
+    backup = store.add_parser("backup", help="a consistent copy of the store in FILE (the gateway may run)")
+    backup.add_argument("file", metavar="FILE")
+    restore = store.add_parser("restore", help="replace the store's content with the backup in FILE")
+    restore.add_argument("file", metavar="FILE")
     return parser
 
 
@@ -199,8 +205,21 @@ def _app(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets)
         out.write(f"deleted {args.app}\n")
 
 
+def _store(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+    backup = getattr(store, "backup", None)
+    if backup is None:
+        raise CliError("this store has no backup; use the store's own tools")
+    if args.action == "backup":
+        backup(args.file)
+        out.write(f"backed up to {args.file} (keep the secret key file with it: the secrets "
+                  f"in the backup cannot be read without it)\n")
+    elif args.action == "restore":
+        counts = store.restore(args.file)  # type: ignore[attr-defined]
+        out.write("restored " + ", ".join(f"{n} {table}" for table, n in counts.items()) + "\n")
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Store, TextIO, _Secrets], None]] = {
-    "token": _token, "account": _account, "app": _app,
+    "token": _token, "account": _account, "app": _app, "store": _store,
 }
 
 

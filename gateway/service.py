@@ -93,8 +93,11 @@ class StoreService(service.Service):
         self.store.start()
 
     def stopService(self) -> Any:
+        """Stop the worker (it finishes the call in progress), then close the store: SQLite folds its
+        write-ahead log into the database file, so the file alone is a complete copy."""
         super().stopService()
-        return self.store.stop()
+        self.store.stop()
+        self.store.sync.close()
 
 
 def listen_addresses(config: Config) -> tuple[str, ...]:
