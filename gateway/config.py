@@ -100,6 +100,7 @@ class LimitsConfig:
 class Config:
     store: str = "sqlite:var/gateway.db"
     secret_key_file: str = "var/secret.key"
+    shutdown_grace: float = field(default=10.0, metadata=ZERO_OK)  # s for commands in flight at SIGTERM
     tls: TLSConfig = field(default_factory=TLSConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)

@@ -65,6 +65,7 @@ class Connections:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
+        self.clients: set[Any] = set()  # every client connection, logged in or not (for shutdown)
         self._ids = itertools.count(1)
         self._sessions: dict[int, Session] = {}
 

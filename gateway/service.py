@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.application import service, strports
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
@@ -23,7 +24,7 @@ from gateway.net.connector import Connector
 from gateway.net.opener import Leg, Opened, open_upstream
 from gateway.net.policy import check_configured, configured_addresses
 from gateway.net.pool import PoolSettings, UpstreamPool
-from gateway.session import SessionDeps
+from gateway.session import CLOSE_GRACE, SessionDeps
 from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_endpoint, server_options
 
 log = Logger()
@@ -82,6 +83,45 @@ class Core:
             pool.forget(account_id)
 
 
+class GracefulShutdown(service.Service):
+    """At SIGTERM, after the listeners have closed: every client is told and closed, a command in
+    flight (or an SMTP message being sent) first gets up to ``shutdown_grace`` seconds."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return defer.ensureDeferred(self._drain())
+
+    async def _drain(self) -> None:
+        reactor = self.core.reactor
+        clients = list(self.core.connections.clients)
+        if not clients:
+            return
+        log.info("Shutting down: {n} client connections to close (grace {grace:.0f} s)",
+                 n=len(clients), grace=self.core.config.shutdown_grace)
+        deadline = reactor.seconds() + self.core.config.shutdown_grace
+        for client in clients:
+            client.shut_down(deadline)
+        give_up = deadline + CLOSE_GRACE + 1
+        while any(not client._gone for client in clients) and reactor.seconds() < give_up:
+            await task.deferLater(reactor, 0.1, lambda: None)
+
+
+def exit_cleanly_on_sigterm(reactor: Any) -> None:
+    """SIGTERM stops the reactor like Twisted's own handler, without remembering the signal:
+    twistd would re-raise it at exit, and a supervisor would see a process killed by SIGTERM
+    instead of one that shut down cleanly (exit status 0)."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        log.info("Received SIGTERM, shutting down")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 class StoreService(service.Service):
     """Starts and stops the store's worker thread with the application."""
 
@@ -137,6 +177,8 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     core = make_core(config, reactor)
     top = service.MultiService()
     StoreService(core.store).setServiceParent(top)
+    GracefulShutdown(core).setServiceParent(top)  # stops after the listeners, before the store
+    reactor.callWhenRunning(exit_cleanly_on_sigterm, reactor)  # after Twisted installed its handlers
 
 
     def listen(description: str, factory: Any, tls: bool) -> None:

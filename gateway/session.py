@@ -129,6 +129,7 @@ class GatewaySession(Protocol):
     expired_text = b""   # written when the pre-auth timeout fires
     too_many_text = b""  # written when a connection cap refuses the connection
     ended_text = b""     # written when an administrator ends the session
+    shutdown_text = b""  # written when the gateway shuts down
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         self.deps = deps
@@ -200,6 +201,7 @@ class GatewaySession(Protocol):
             self._counted = True
             if address and not self._admit_address(address):
                 return
+        self.deps.connections.clients.add(self)
         self.flow = Flow(transport_of(self))
         if not self.tls:  # on TLS, once the handshake is done (handshakeCompleted)
             self.watch_output()
@@ -239,6 +241,7 @@ class GatewaySession(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._gone = True
+        self.deps.connections.clients.discard(self)
         if self._to_upstream is not None:
             self._to_upstream.flush()
         self._cancel_timeout()
@@ -305,6 +308,27 @@ class GatewaySession(Protocol):
             transport_of(self).unregisterProducer()
             if self.flow is not None:
                 self.flow.resume(OUTPUT)
+
+    def busy(self) -> bool:
+        """Is the client in the middle of something worth finishing before shutdown (a subclass knows)?"""
+        return False
+
+    def shut_down(self, deadline: float) -> None:
+        """The gateway is stopping: say so and close, once nothing is in flight or at ``deadline``."""
+        if self._gone:
+            return
+        if self.session is not None and self.busy() and self.reactor.seconds() < deadline:
+            self.reactor.callLater(0.1, self.shut_down, deadline)
+            return
+        self._ended_by_admin = True  # the upstream is closed, not pooled
+        to_client = getattr(self, "_to_client", None)
+        if self.session is not None and to_client is not None:
+            to_client.write(self.shutdown_text)
+            to_client.flush()
+        else:
+            transport_of(self).write(self.shutdown_text)
+        self.give_back_upstream()
+        self.close_firmly()
 
     def end_by_admin(self) -> None:
         """DELETE /v1/connections/{id} or a token revoked with ?disconnect=true: tell the client, close

@@ -47,6 +47,12 @@ class IMAPGateway(GatewaySession):
     expired_text = b"* BYE Autologout; idle for too long\r\n"
     too_many_text = b"* BYE Too many connections\r\n"
     ended_text = b"* BYE Session ended by administrator\r\n"
+    shutdown_text = b"* BYE Server shutting down\r\n"
+
+    def busy(self) -> bool:
+        """A command other than IDLE awaits its answer (known only with the tracker, i.e. pooling on)."""
+        tracker = self.tracker
+        return tracker is not None and any(name != b"IDLE" for name in tracker.in_flight.values())
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         super().__init__(deps, tls)

@@ -10,7 +10,7 @@ from gateway.net.relay import Coalescer, couple
 from gateway.net.transport import transport_of
 from gateway.session import GatewaySession, SessionDeps, SessionFactory
 from gateway.smtp import preauth
-from gateway.smtp.filter import CloseBoth, RelayFilter, ToClient, ToUpstream, parse_ehlo
+from gateway.smtp.filter import CloseBoth, Mode, RelayFilter, ToClient, ToUpstream, parse_ehlo
 
 
 class _FromUpstream:
@@ -37,6 +37,11 @@ class SMTPGateway(GatewaySession):
     expired_text = b"421 4.4.2 Timeout waiting for authentication\r\n"
     too_many_text = b"421 4.7.0 Too many connections\r\n"
     ended_text = b"421 4.3.2 Session ended by administrator\r\n"
+    shutdown_text = b"421 4.3.2 Server shutting down\r\n"
+
+    def busy(self) -> bool:
+        """A message is being sent (DATA): it may finish within shutdown_grace."""
+        return self.filter is not None and self.filter.mode in (Mode.DATA_REPLY, Mode.BODY)
 
     def __init__(self, deps: SessionDeps, tls: bool) -> None:
         super().__init__(deps, tls)
