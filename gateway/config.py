@@ -101,6 +101,7 @@ class Config:
     store: str = "sqlite:var/gateway.db"
     secret_key_file: str = "var/secret.key"
     shutdown_grace: float = field(default=10.0, metadata=ZERO_OK)  # s for commands in flight at SIGTERM
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # who may send a PROXY header
     tls: TLSConfig = field(default_factory=TLSConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
@@ -170,11 +171,12 @@ def _validate(config: Config) -> None:
     """Cross-field checks that a type check alone cannot make."""
     import netaddr
 
-    for cidr in config.limits.exempt:
-        try:
-            netaddr.IPNetwork(cidr)
-        except (netaddr.AddrFormatError, ValueError, TypeError):
-            raise ConfigError(f"config key limits.exempt: {cidr!r} is not an IP address or CIDR") from None
+    for key, cidrs in (("limits.exempt", config.limits.exempt), ("trusted_proxies", config.trusted_proxies)):
+        for cidr in cidrs:
+            try:
+                netaddr.IPNetwork(cidr)
+            except (netaddr.AddrFormatError, ValueError, TypeError):
+                raise ConfigError(f"config key {key}: {cidr!r} is not an IP address or CIDR") from None
     store = config.store
     if not (store.startswith("sqlite:") or store.startswith("redis://")):
         raise ConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+import netaddr
 from typing import Any, cast
 
 from twisted.application import service, strports
@@ -75,7 +77,8 @@ class Core:
         return SessionDeps(reactor=self.reactor, settings=getattr(self.config, protocol), tokens=self.store,
                            upstreams=self.pools[protocol], connections=self.connections,
                            server_tls=self.server_tls, version=self.version,
-                           auth_limits=self.auth_limits, connection_limits=self.connection_limits)
+                           auth_limits=self.auth_limits, connection_limits=self.connection_limits,
+                           trusted_proxies=netaddr.IPSet(self.config.trusted_proxies))
 
     def account_changed(self, account_id: str) -> None:
         """An account was changed or deleted: its pooled connections must not serve it again."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
+import netaddr
 from types import ModuleType
 from typing import Any
 from typing import Protocol as Interface
@@ -90,6 +92,7 @@ class SessionDeps:
     version: str = ""
     auth_limits: AuthLimiter | None = None
     connection_limits: ConnectionLimiter | None = None
+    trusted_proxies: Any = None  # netaddr.IPSet of who may send a PROXY header; None: anyone
 
 
 CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is aborted
@@ -192,6 +195,8 @@ class GatewaySession(Protocol):
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self._socket = tcp_socket(self.transport)
+        if not self._proxy_allowed():
+            return
         limits = self.deps.connection_limits
         if limits is not None:
             address = "" if behind_proxy_header(self.transport) else peer_host(self.transport)
@@ -207,6 +212,24 @@ class GatewaySession(Protocol):
             self.watch_output()
         self._send(self.machine.greeting())
         self._timeout = self.reactor.callLater(self.settings.preauth_timeout, self._expire)
+
+    def _proxy_allowed(self) -> bool:
+        """On a PROXY-protocol listener, only trusted_proxies may connect: anyone else could claim
+        any client address (CIDR checks, limits and logs rely on it). Others are closed unanswered."""
+        trusted = self.deps.trusted_proxies
+        if trusted is None or self._socket is None or not behind_proxy_header(self.transport):
+            return True
+        try:
+            hop = self._socket.getpeername()[0]
+            if netaddr.IPAddress(hop) in trusted:
+                return True
+        except (OSError, netaddr.AddrFormatError, ValueError):
+            hop = "?"
+        log.info("{proto} connection from {hop} closed: not in trusted_proxies, may not send a PROXY header",
+                 proto=self.name.upper(), hop=hop)
+        self._refused = True
+        transport_of(self).abortConnection()
+        return False
 
     def _admit_address(self, address: str) -> bool:
         limits = self.deps.connection_limits

@@ -51,7 +51,8 @@ def behind(dovecot, oauth2_provider):
                  imap={"listen": [f"haproxy:ssl:{ports['imaps']}:interface=127.0.0.1"],
                        "starttls_listen": [f"haproxy:tcp:{ports['imap']}:interface=127.0.0.1"]},
                  smtp={"listen": [f"haproxy:tcp:{ports['smtp']}:interface=127.0.0.1"],
-                       "implicit_tls_listen": [f"haproxy:ssl:{ports['smtps']}:interface=127.0.0.1"]})
+                       "implicit_tls_listen": [f"haproxy:ssl:{ports['smtps']}:interface=127.0.0.1"]},
+                 trusted_proxies=["127.0.0.1/32"])  # HAProxy connects from 127.0.0.1 only
     gw.imaps_port, gw.imap_port, gw.smtp_port, gw.smtps_port = (
         ports["imaps"], ports["imap"], ports["smtp"], ports["smtps"])
     haproxy = HAProxy(workdir / "haproxy")
@@ -190,14 +191,43 @@ def test_connection_without_proxy_header_is_closed(behind, listener):
     the client's first bytes: a TLS handshake fails, a plaintext command gets no answer (only the
     greeting, which the gateway sends on connect), so nobody can bypass HAProxy's address check."""
     port = behind.gw.imaps_port if listener == "imaps" else behind.gw.imap_port
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(ALLOWED, 0))
+    # From 127.0.0.1, which is in this gateway's trusted_proxies (as HAProxy is): allowed to
+    # connect, but its first bytes are not a PROXY header.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=("127.0.0.1", 0))
     try:
         if listener == "imaps":
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 behind.gw.client_context().wrap_socket(sock, server_hostname="localhost")
         else:
-            sock.sendall(b"a1 CAPABILITY\r\n")
-            received = read_to_end(sock)
+            try:
+                sock.sendall(b"a1 CAPABILITY\r\n")
+                received = read_to_end(sock)
+            except ConnectionResetError:
+                received = b""
             assert b"a1 " not in received and b"* CAPABILITY" not in received, received
     finally:
         sock.close()
+
+
+def test_a_proxy_header_from_an_untrusted_address_is_refused(behind):
+    """A client at 127.0.0.2 (not in trusted_proxies) connecting straight to a `haproxy:` listener
+    and claiming another address in its own PROXY header is closed without an answer."""
+    import socket
+
+    gw = behind.gw
+    for port in (gw.imap_port, gw.smtp_port):
+        try:  # the gateway aborts at once: even the connect may meet the reset
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        except ConnectionResetError:
+            continue
+        try:
+            sock.settimeout(5)
+            try:  # the gateway closes at once: the send itself may meet the reset
+                sock.sendall(b"PROXY TCP4 10.9.8.7 127.0.0.1 5555 143\r\n")
+                data = sock.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""
+        finally:
+            sock.close()
+    assert "connection from 127.0.0.2 closed: not in trusted_proxies" in gw.log_text()
