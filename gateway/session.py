@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 from typing import Protocol as Interface
 
+from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -103,6 +104,15 @@ CLOSE_GRACE = 2.0  # seconds a closing connection may take to flush before it is
 MAX_QUEUED_OUTPUT = 256 * 1024
 
 
+def tls_failure(error: BaseException) -> str:
+    """OpenSSL's reason for a failed handshake, short: `tlsv1 alert unknown ca`, `wrong version number`."""
+    details = error.args[0] if error.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple) and details[-1]:
+        return str(details[-1][-1])[:120] or type(error).__name__
+    text = str(error).strip()
+    return text.splitlines()[0][:120] if text else type(error).__name__
+
+
 def behind_proxy_header(transport: Any) -> bool:
     """Is a PROXY-protocol wrapper under this transport (the client's address comes with the header)?"""
     from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
@@ -152,6 +162,7 @@ class GatewaySession(Protocol):
         self._queued = 0  # bytes written since the transport said it is full
         self._refused = False
         self._ended_by_admin = False
+        self._tls_pending = tls  # a TLS handshake has begun and not completed (logged if it fails)
         self._counted = False         # in the connection limiter's total
         self._counted_address = ""    # in its per-address count
         self._fail_call: Any = None   # a failed login's delayed answer
@@ -265,6 +276,9 @@ class GatewaySession(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._gone = True
         self.deps.connections.clients.discard(self)
+        if self._tls_pending and reason.check(SSL.Error):
+            log.info("{proto} TLS handshake from {client} failed: {why}", proto=self.name.upper(),
+                     client=peer_host(self.transport) or "-", why=tls_failure(reason.value))
         if self._to_upstream is not None:
             self._to_upstream.flush()
         self._cancel_timeout()
@@ -308,6 +322,7 @@ class GatewaySession(Protocol):
 
     def handshakeCompleted(self) -> None:
         """TLS is up (implicit TLS or after STARTTLS): answers are paced by the client's reading now."""
+        self._tls_pending = False
         if self.session is None and not self._gone:
             self.watch_output()
 
@@ -413,6 +428,7 @@ class GatewaySession(Protocol):
             elif isinstance(action, kinds.StartTLS):
                 self.machine.take_pending()  # plaintext pipelined behind STARTTLS is dropped
                 self.stop_watching_output()  # until handshakeCompleted
+                self._tls_pending = True
                 transport_of(self).startTLS(self.deps.server_tls)
                 self.tls = True
                 self._perform(self.machine.tls_started())

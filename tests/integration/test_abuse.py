@@ -219,3 +219,24 @@ def test_a_provider_error_page_reaches_the_client_as_text(gateway, oauth2_provid
                                       "<html><body>Service Unavailable</body></html>'")
     finally:
         oauth2_provider.fail_with.pop(refresh, None)
+
+
+def test_a_failed_tls_handshake_is_one_log_line_with_the_reason(gateway):
+    """A client that does not trust the gateway's CA aborts the handshake: the log says who and why."""
+    sock = socket.create_connection(("127.0.0.1", gateway.imaps_port), timeout=10)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        ssl.create_default_context().wrap_socket(sock, server_hostname="localhost")  # system CAs only
+    sock.close()
+    plain = socket.create_connection(("127.0.0.1", gateway.imaps_port), timeout=10)
+    plain.sendall(b"a1 CAPABILITY\r\n")  # plaintext to a TLS port
+    plain.settimeout(5)
+    try:
+        plain.recv(4096)
+    except OSError:
+        pass
+    plain.close()
+    from .gateway_proc import wait_for
+
+    assert wait_for(lambda: "IMAP TLS handshake from 127.0.0.1 failed: tlsv1 alert unknown ca" in gateway.log_text())
+    assert wait_for(lambda: "IMAP TLS handshake from 127.0.0.1 failed: " in
+                    gateway.log_text().split("alert unknown ca", 1)[-1])
