@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 import netaddr
@@ -10,6 +12,7 @@ from typing import Any, cast
 
 from twisted.application import service, strports
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
@@ -125,6 +128,43 @@ def exit_cleanly_on_sigterm(reactor: Any) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+class Listener(service.Service):
+    """One listener: a port that cannot be opened stops start-up with one line naming its config key
+    (`gateway: config key imap.listen: cannot listen on ssl:2993: Address already in use`), not a
+    traceback."""
+
+    def __init__(self, inner: Any, key: str, description: str) -> None:
+        self.inner = inner
+        self.key = key
+        self.description = description
+
+    def _fail(self, error: BaseException) -> None:
+        reason = getattr(error, "socketError", None) or error
+        text = getattr(reason, "strerror", None) or str(reason)
+        stderr = sys.__stderr__ or sys.stderr  # twistd has redirected sys.stderr into its log by now
+        stderr.write(f"gateway: config key {self.key}: cannot listen on {self.description}: {text}\n")
+        stderr.flush()
+        os._exit(1)  # before the reactor runs: nothing to clean up, and no traceback from twistd
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        try:
+            self.inner.privilegedStartService()
+        except CannotListenError as e:
+            self._fail(e)
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.inner.startService()
+        except CannotListenError as e:
+            self._fail(e)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.inner.stopService()
+
+
 class StoreService(service.Service):
     """Starts and stops the store's worker thread with the application."""
 
@@ -184,25 +224,26 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     reactor.callWhenRunning(exit_cleanly_on_sigterm, reactor)  # after Twisted installed its handlers
 
 
-    def listen(description: str, factory: Any, tls: bool) -> None:
+    def listen(key: str, description: str, factory: Any, tls: bool) -> None:
         """TLS listeners get the gateway's certificate, and `haproxy:ssl:` the PROXY header before TLS."""
         parse_with = reactor
+        shown = description
         if tls:
             description, parse_with = listener_endpoint(description, config.tls.cert, config.tls.key, reactor)
-        strports.service(description, factory, reactor=parse_with).setServiceParent(top)
+        Listener(strports.service(description, factory, reactor=parse_with), key, shown).setServiceParent(top)
 
     imap, smtp = core.session_deps("imap"), core.session_deps("smtp")
     for description in config.imap.listen:
         tls = description.startswith(TLS_PREFIXES)
-        listen(description, IMAPGatewayFactory(imap, tls=tls), tls)
+        listen("imap.listen", description, IMAPGatewayFactory(imap, tls=tls), tls)
     for description in config.imap.starttls_listen:
-        listen(description, IMAPGatewayFactory(imap, tls=False), False)
+        listen("imap.starttls_listen", description, IMAPGatewayFactory(imap, tls=False), False)
     for description in config.smtp.listen:
-        listen(description, SMTPGatewayFactory(smtp, tls=False), False)
+        listen("smtp.listen", description, SMTPGatewayFactory(smtp, tls=False), False)
     for description in config.smtp.implicit_tls_listen:
-        listen(description, SMTPGatewayFactory(smtp, tls=True), True)
+        listen("smtp.implicit_tls_listen", description, SMTPGatewayFactory(smtp, tls=True), True)
     # A Site is a Factory, which provides IProtocolFactory through @implementer: invisible to mypy.
     site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy,
                                             account_changed=core.account_changed))
-    strports.service(config.api.listen, site).setServiceParent(top)
+    Listener(strports.service(config.api.listen, site), "api.listen", config.api.listen).setServiceParent(top)
     return top

@@ -45,3 +45,27 @@ def test_a_typo_in_tls_key_stops_start_up_with_one_line_and_keeps_the_certificat
     lines = typo.stderr().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gateway: config key tls.key: ")
     assert (tmp_path / "gw" / "gw.pem").read_bytes() == cert
+
+
+def test_a_port_in_use_stops_start_up_with_one_line_naming_the_key(tmp_path):
+    """imap.listen on a port something else holds: one line naming imap.listen, exit status 1."""
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"store: sqlite:{tmp_path}/var/g.db\nsecret_key_file: {tmp_path}/var/secret.key\n"
+                      f"tls: {{cert: {tmp_path}/gw.pem, key: {tmp_path}/gw.key}}\n"
+                      f"imap: {{listen: ['ssl:{port}:interface=127.0.0.1']}}\n"
+                      f"smtp: {{listen: []}}\napi: {{listen: 'tcp:0:interface=127.0.0.1'}}\n")
+    try:
+        out = subprocess.run(TWISTD + ["-n", "--pidfile=", "gateway", "--config", str(config)],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    finally:
+        busy.close()
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"gateway: config key imap.listen: cannot listen on ssl:{port}:interface=127.0.0.1: Address already in use"]
+    assert "Traceback" not in out.stdout + out.stderr
