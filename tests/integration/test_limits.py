@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .gateway_proc import Gateway, started_gateway
+from .gateway_proc import Gateway, started_gateway, wait_for
 from .test_imap_login import read_until
 
 INVALID = b"NO [AUTHENTICATIONFAILED] Invalid credentials"
@@ -104,14 +104,17 @@ def test_a_low_open_files_limit_lowers_the_connection_cap_with_a_warning(dovecot
 
 def _low_limit_run(gw: Gateway, held: list[socket.socket]) -> None:
     try:
-        assert "Open files limit 256 is below the 20200 that limits.max_connections=10000 needs" in gw.log_text()
-        for _ in range(28):
+        assert wait_for(lambda: "Open files limit 256 is below the 20200 that limits.max_connections=10000 needs"
+                        in gw.log_text()), gw.log_tail()
+        for i in range(28):
             sock = socket.create_connection(("127.0.0.1", gw.imap_port), timeout=10)
             held.append(sock)
-            assert sock.recv(4096).startswith(b"* OK")
+            greeting = sock.recv(4096)
+            assert greeting.startswith(b"* OK"), (i, greeting, gw.log_tail())
         extra = socket.create_connection(("127.0.0.1", gw.imap_port), timeout=10)
         held.append(extra)
-        assert extra.recv(4096) == b"* BYE Too many connections\r\n"
+        answer = extra.recv(4096)
+        assert answer == b"* BYE Too many connections\r\n", (answer, gw.log_tail())
     finally:
         for sock in held:
             sock.close()
