@@ -225,11 +225,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Store, TextIO, _Secrets], Non
 
 def _open(config_path: str | None) -> Store:
     """The sync store the configuration names; CliError with one line when it cannot be opened."""
-    from gateway.config import ConfigError, load_config
+    from gateway.config import ConfigError, find_config, load_config
     from gateway.store import open_store
 
     try:
-        return open_store(load_config(config_path))
+        return open_store(load_config(find_config(config_path)), create=False)
     except (ConfigError, ValueError, OSError, sqlite3.Error) as exc:
         raise CliError(_one_line(exc)) from None
 

@@ -265,5 +265,34 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
     if overrides:
         data = {**data, **overrides}
     config = _build(Config, data, "")
+    if path is not None:
+        config = _relative_to(config, Path(path).resolve().parent)
     _validate(config)
     return config
+
+
+def _relative_to(config: Config, base: Path) -> Config:
+    """Relative paths in a config file name files beside it, wherever the gateway or CLI starts."""
+    def at(value: str) -> str:
+        return value if Path(value).is_absolute() else str(base / value)
+
+    store = config.store
+    if store.startswith("sqlite:") and not store.startswith("sqlite://"):
+        store = "sqlite:" + at(store[len("sqlite:"):])
+    return dataclasses.replace(
+        config, store=store, secret_key_file=at(config.secret_key_file),
+        tls=dataclasses.replace(config.tls, cert=at(config.tls.cert), key=at(config.tls.key)),
+        upstream=dataclasses.replace(
+            config.upstream, ca_file=at(config.upstream.ca_file) if config.upstream.ca_file else None))
+
+
+def find_config(given: str | None) -> str | None:
+    """The configuration file the server and the CLI use: ``--config``, else $GATEWAY_CONFIG,
+    else ./gateway.yaml when it exists, else None (the built-in defaults)."""
+    import os
+
+    if given:
+        return given
+    if os.environ.get("GATEWAY_CONFIG"):
+        return os.environ["GATEWAY_CONFIG"]
+    return "gateway.yaml" if Path("gateway.yaml").is_file() else None

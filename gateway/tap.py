@@ -8,7 +8,7 @@ from typing import cast
 from twisted.application import service
 from twisted.python import usage
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, find_config, load_config
 
 
 class Options(usage.Options):
@@ -24,7 +24,7 @@ def makeService(options: Options) -> service.IService:
     from gateway.service import make_service
 
     try:
-        config = load_config(options["config"])
+        config = load_config(find_config(options["config"]))
         # MultiService provides IService through @implementer, which mypy cannot see.
         return cast(service.IService, make_service(config, reactor))
     except ConfigError as e:

@@ -16,8 +16,10 @@ from gateway.store.sqlite import SQLiteStore
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
+    """A config file and its store, as the gateway's first start leaves them (the CLI creates none)."""
     path = tmp_path / "gateway.yaml"
     path.write_text(f"store: sqlite:{tmp_path}/var/gateway.db\nsecret_key_file: {tmp_path}/var/secret.key\n")
+    _store(path).close()
     return path
 
 
@@ -197,3 +199,29 @@ def test_close_folds_the_write_ahead_log_into_the_database_file(config: Path, ca
     shutil.copy(db, copy)
     rows = sqlite3.connect(copy).execute("SELECT account FROM accounts").fetchall()
     assert rows == [("alice",)]
+
+
+def test_relative_paths_in_the_config_file_and_config_discovery(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Relative paths name files beside the config file, wherever the CLI runs; $GATEWAY_CONFIG
+    finds it; with no config and no store the CLI says so in one line and creates nothing."""
+    home = tmp_path / "gw"
+    home.mkdir()
+    (home / "gateway.yaml").write_text("store: sqlite:var/gateway.db\nsecret_key_file: var/secret.key\n")
+    SQLiteStore(str(home / "var" / "gateway.db"), SecretBox.from_file(home / "var" / "secret.key")).close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    assert main(["account", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gateway: no store at ") and "set GATEWAY_CONFIG" in err and err.count("\n") == 1
+    assert list(elsewhere.iterdir()) == []  # nothing invented here
+    monkeypatch.setenv("GATEWAY_CONFIG", str(home / "gateway.yaml"))
+    assert main(["token", "create", "--scope", "api", "--description", "admin"]) == 0
+    assert len(capsys.readouterr().out.strip()) == 64
+    store = SQLiteStore(str(home / "var" / "gateway.db"), SecretBox.from_file(home / "var" / "secret.key"))
+    try:
+        assert len(store.list_tokens()) == 1  # in the store beside the config file
+    finally:
+        store.close()
+    assert list(elsewhere.iterdir()) == []
