@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ssl_ffi, lib as _ssl_lib  # session calls pyOpenSSL does not wrap
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface optionsForClientTLS takes
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
@@ -126,19 +127,44 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def server_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
-    """TLS options for listeners and STARTTLS, from the PEM files."""
-    pem = Path(cert_path).read_bytes() + b"\n" + Path(key_path).read_bytes()
-    cert = ssl.PrivateCertificate.loadPEM(pem)
-    chain = [
-        ssl.Certificate.loadPEM(block).original
-        for block in _pem_blocks(Path(cert_path).read_bytes())[1:]
-    ]
-    return ssl.CertificateOptions(
-        privateKey=cert.privateKey.original,
-        certificate=cert.original,
-        extraCertChain=chain or None,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    """TLS options for listeners and STARTTLS, from the PEM files.
+
+    An unreadable file, one that is not PEM, or a key that does not match the
+    certificate is a ConfigError naming the key (one line at start-up).
+    """
+    from gateway.config import ConfigError
+
+    try:
+        cert_pem = Path(cert_path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config key tls.cert: cannot read {cert_path}: {e.strerror}") from None
+    try:
+        key_pem = Path(key_path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config key tls.key: cannot read {key_path}: {e.strerror}") from None
+    try:
+        cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+        chain = [ssl.Certificate.loadPEM(block).original for block in _pem_blocks(cert_pem)[1:]]
+        options = ssl.CertificateOptions(
+            privateKey=cert.privateKey.original,
+            certificate=cert.original,
+            extraCertChain=chain or None,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+    except VerifyError:
+        raise ConfigError(f"config key tls.key: {key_path} is not the key of the certificate in "
+                          f"{cert_path}") from None
+    except Exception as e:  # OpenSSL's PEM errors: not a certificate or not a key
+        raise ConfigError(f"config key tls.cert: {cert_path} and {key_path} are not a PEM certificate "
+                          f"and its key ({_openssl_reason(e)})") from None
+    return options
+
+
+def _openssl_reason(e: BaseException) -> str:
+    details = e.args[0] if e.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple):
+        return str(details[-1][-1]) or type(e).__name__
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:

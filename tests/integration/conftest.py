@@ -56,10 +56,20 @@ def dovecot(oauth2_provider):
     with _workdir("gw-dovecot-", "Dovecot") as workdir:
         os.chmod(workdir, 0o755)
         server = Dovecot(workdir, oauth2_provider)
+        sink = None
         try:
             server.start()
+            if server.submission_relay_port:
+                # Bound now, not when a test first asks: the port was only reserved when Dovecot's
+                # config was written, and any process may take it as an ephemeral port meanwhile.
+                from .smtp_sink import SMTPSink
+
+                sink = SMTPSink(server.submission_relay_port).start()
+            server.relay_sink = sink
             yield server
         finally:
+            if sink is not None:
+                sink.stop()
             server.stop()
 
 
@@ -92,15 +102,9 @@ def smtp_sink(dovecot):
     user logs in to submission, so request this fixture before any submission
     login.  Shared by the session: filter ``smtp_sink.find()/wait_for()`` by the
     test's unique addresses."""
-    from .smtp_sink import SMTPSink
-
-    if not dovecot.submission_relay_port:
+    if dovecot.relay_sink is None:
         pytest.skip("Dovecot runs without submission")
-    sink = SMTPSink(dovecot.submission_relay_port).start()
-    try:
-        yield sink
-    finally:
-        sink.stop()
+    yield dovecot.relay_sink
 
 
 @pytest.fixture

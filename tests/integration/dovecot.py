@@ -11,11 +11,14 @@ with a plain password.
 
 from __future__ import annotations
 
+from typing import Any
+
 import datetime
 import imaplib
 import ipaddress
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -30,12 +33,37 @@ from .oauth2_provider import OAuth2Provider
 MAIL_USER = "gwmail"
 
 
+_PORTS = random.Random(os.getpid())
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port on ``host`` (bind to 0, read, close; racy but fine)."""
+    """An unused TCP port on ``host``, picked below the kernel's ephemeral range.
+
+    Servers of the suite bind their port some time after it was picked; a port
+    from the ephemeral range (what binding to 0 gives) may meanwhile become the
+    source port of any outgoing connection, and the server then fails with
+    "Address already in use". Below that range only listeners use ports.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _PORTS.randrange(max(1024, low - 12000), low)
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family, socket.SOCK_STREAM) as s:  # fall back to what the kernel offers
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _ipv6_loopback() -> bool:
@@ -220,6 +248,8 @@ class Dovecot:
         self.submission_port: int | None = None
         #: Port Dovecot's submission service relays to (nothing listens by default).
         self.submission_relay_port: int | None = None
+        #: The SMTP sink on that port, when the test session started one (conftest.py).
+        self.relay_sink: Any = None
         self.listen_hosts: list[str] = ["127.0.0.1"]
         self._proc: subprocess.Popen[bytes] | None = None
         self._passwords: dict[str, str] = {}

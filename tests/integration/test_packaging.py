@@ -69,3 +69,20 @@ def test_a_port_in_use_stops_start_up_with_one_line_naming_the_key(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"gateway: config key imap.listen: cannot listen on ssl:{port}:interface=127.0.0.1: Address already in use"]
     assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_start_up_with_one_line(tmp_path):
+    from gateway.tls import ensure_certificate
+
+    ensure_certificate(str(tmp_path / "a.pem"), str(tmp_path / "a.key"), hostname="localhost")
+    ensure_certificate(str(tmp_path / "b" / "b.pem"), str(tmp_path / "b" / "b.key"), hostname="localhost")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"store: sqlite:{tmp_path}/var/g.db\nsecret_key_file: {tmp_path}/var/secret.key\n"
+                      f"tls: {{cert: {tmp_path}/a.pem, key: {tmp_path}/b/b.key}}\n"
+                      f"imap: {{listen: ['ssl:0:interface=127.0.0.1']}}\nsmtp: {{listen: []}}\n"
+                      f"api: {{listen: 'tcp:0:interface=127.0.0.1'}}\n")
+    out = subprocess.run(TWISTD + ["-n", "--pidfile=", "gateway", "--config", str(config)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"gateway: config key tls.key: {tmp_path}/b/b.key is not the key of the certificate in {tmp_path}/a.pem"]

@@ -155,3 +155,19 @@ def test_one_file_missing_is_refused_without_touching_the_other(tmp_path):
     with pytest.raises(ConfigError, match=r"^config key tls\.cert: "):
         ensure_certificate(str(tmp_path / "gw.pme"), str(key))
     assert cert.read_bytes() == before and not (tmp_path / "gw.kye").exists()
+
+
+def test_a_key_that_does_not_match_or_a_bad_file_is_one_line_naming_the_key(tmp_path):
+    import pytest
+
+    from gateway.config import ConfigError
+    from gateway.tls import server_options
+
+    ensure_certificate(str(tmp_path / "a.pem"), str(tmp_path / "a.key"), hostname="localhost")
+    ensure_certificate(str(tmp_path / "b.pem"), str(tmp_path / "b.key"), hostname="localhost")
+    with pytest.raises(ConfigError, match=r"^config key tls\.key: .*b\.key is not the key of the certificate"):
+        server_options(str(tmp_path / "a.pem"), str(tmp_path / "b.key"))
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"^config key tls\.cert: .* are not a PEM certificate and its key"):
+        server_options(str(tmp_path / "junk.pem"), str(tmp_path / "a.key"))
+    assert server_options(str(tmp_path / "a.pem"), str(tmp_path / "a.key")) is not None
