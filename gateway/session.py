@@ -358,15 +358,7 @@ class GatewaySession(Protocol):
         if self.session is not None and self.busy() and self.reactor.seconds() < deadline:
             self.reactor.callLater(0.1, self.shut_down, deadline)
             return
-        self._ended_by_admin = True  # the upstream is closed, not pooled
-        to_client = getattr(self, "_to_client", None)
-        if self.session is not None and to_client is not None:
-            to_client.write(self.shutdown_text)
-            to_client.flush()
-        else:
-            transport_of(self).write(self.shutdown_text)
-        self.give_back_upstream()
-        self.close_firmly()
+        self._say_and_end(self.shutdown_text)
 
     def end_by_admin(self) -> None:
         """DELETE /v1/connections/{id} or a token revoked with ?disconnect=true: tell the client, close
@@ -376,17 +368,22 @@ class GatewaySession(Protocol):
         log.info("{proto} session of account={account} client={client} ended by administrator",
                  proto=self.name.upper(), account=self.session.account if self.session else "-",
                  client=self.client or "-")
-        self._ended_by_admin = True
-        to_client = getattr(self, "_to_client", None)
-        if to_client is not None:
-            to_client.write(self.ended_text)
-            to_client.flush()
-        else:
-            transport_of(self).write(self.ended_text)
-        self.give_back_upstream()
-        self.close_firmly()
+        self._say_and_end(self.ended_text)
         if self.session is not None:
             self.session.close()  # gone from /v1/connections now, not when the close completes
+
+    def _say_and_end(self, text: bytes) -> None:
+        """Write ``text`` after whatever is queued for the client, close the upstream (not pooled:
+        the session is being cut off) and close the client firmly."""
+        self._ended_by_admin = True
+        to_client = getattr(self, "_to_client", None)  # the relay's coalescer, once relaying
+        if to_client is not None:
+            to_client.write(text)
+            to_client.flush()
+        else:
+            transport_of(self).write(text)
+        self.give_back_upstream()
+        self.close_firmly()
 
     def give_back_upstream(self) -> None:
         """End the lease: release a clean upstream to the pool, close any other."""

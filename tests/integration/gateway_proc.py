@@ -249,6 +249,20 @@ class _SourcedIMAP4_SSL(imaplib.IMAP4_SSL):
         return self.ssl_context.wrap_socket(sock, server_hostname="localhost")
 
 
+def read_to_close(sock: socket.socket, seconds: float = 5.0) -> bytes:
+    """Everything the gateway sends until it closes the connection; fails if it is still open after
+    ``seconds`` (bounded)."""
+    sock.settimeout(seconds)
+    data = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"still open after {seconds} s: {data!r}")
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until true or ``timeout`` (bounded)."""
     deadline = time.monotonic() + timeout

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import time
 
-from .gateway_proc import Gateway, wait_for
+from .gateway_proc import Gateway, read_to_close, wait_for
 from .test_imap_login import read_until
 
 
@@ -15,19 +14,6 @@ def _logged_in(gw: Gateway, account: str, token: str) -> socket.socket:
     sock.sendall(b"a1 LOGIN " + account.encode() + b" " + token.encode() + b"\r\n")
     assert b"a1 OK" in read_until(sock, b"a1 ")
     return sock
-
-
-def _rest(sock: socket.socket, seconds: float = 5.0) -> bytes:
-    """Everything until the gateway closes (bounded)."""
-    sock.settimeout(seconds)
-    data = b""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError(f"still open after {seconds} s: {data!r}")
 
 
 def _session_ids(gw: Gateway, account: str) -> list[int]:
@@ -46,7 +32,7 @@ def test_delete_a_connection_ends_that_imap_session_only(gateway, new_email):
     assert wait_for(lambda: len(_session_ids(gateway, account)) == 2)
     victim = _session_ids(gateway, account)[0]
     assert gateway.api("DELETE", f"/v1/connections/{victim}") == (200, {"deleted": True})
-    assert _rest(first) == b"* BYE Session ended by administrator\r\n"
+    assert read_to_close(first) == b"* BYE Session ended by administrator\r\n"
     second.sendall(b"n1 NOOP\r\n")
     assert b"n1 OK" in read_until(second, b"n1 ")
     assert gateway.api("DELETE", f"/v1/connections/{victim}")[0] == 404
@@ -63,7 +49,7 @@ def test_delete_an_smtp_connection_gives_421(gateway, new_email, smtp_sink):
     conn.login(account, gateway.token(account, scopes=["smtp"]))
     assert wait_for(lambda: len(_session_ids(gateway, account)) == 1)
     assert gateway.api("DELETE", f"/v1/connections/{_session_ids(gateway, account)[0]}")[0] == 200
-    assert _rest(conn.sock) == b"421 4.3.2 Session ended by administrator\r\n"
+    assert read_to_close(conn.sock) == b"421 4.3.2 Session ended by administrator\r\n"
     conn.close()
 
 
@@ -77,7 +63,7 @@ def test_revoking_a_token_with_disconnect_ends_its_sessions_only(gateway, new_em
     c = _logged_in(gateway, account, kept)
     status, body = gateway.api("DELETE", f"/v1/token/{doomed}?disconnect=true")
     assert (status, body) == (200, {"deleted": True, "disconnected": 2})
-    assert _rest(a) == _rest(b) == b"* BYE Session ended by administrator\r\n"
+    assert read_to_close(a) == read_to_close(b) == b"* BYE Session ended by administrator\r\n"
     c.sendall(b"n1 NOOP\r\n")
     assert b"n1 OK" in read_until(c, b"n1 ")
     assert gateway.api("DELETE", f"/v1/token/{kept}?disconnect=maybe")[0] == 400

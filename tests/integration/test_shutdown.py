@@ -7,20 +7,8 @@ import signal
 import socket
 import time
 
-from .gateway_proc import started_gateway
+from .gateway_proc import read_to_close, started_gateway
 from .test_imap_login import read_until
-
-
-def _rest(sock: socket.socket, seconds: float) -> bytes:
-    sock.settimeout(seconds)
-    data = b""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError(f"still open after {seconds} s: {data!r}")
 
 
 def test_sigterm_says_bye_to_idle_and_unauthenticated_clients_and_exits_0(dovecot, oauth2_provider, new_email):
@@ -41,9 +29,9 @@ def test_sigterm_says_bye_to_idle_and_unauthenticated_clients_and_exits_0(doveco
         started = time.monotonic()
         assert gw.proc is not None
         gw.proc.send_signal(signal.SIGTERM)
-        assert _rest(idle, 8).endswith(b"* BYE Server shutting down\r\n")
-        assert _rest(waiting, 8) == b"* BYE Server shutting down\r\n"
-        assert _rest(smtp, 8) == b"421 4.3.2 Server shutting down\r\n"
+        assert read_to_close(idle, 8).endswith(b"* BYE Server shutting down\r\n")
+        assert read_to_close(waiting, 8) == b"* BYE Server shutting down\r\n"
+        assert read_to_close(smtp, 8) == b"421 4.3.2 Server shutting down\r\n"
         assert gw.proc.wait(10) == 0
         assert time.monotonic() - started < 8  # IDLE is not waited for
         assert "Shutting down: 3 client connections to close" in gw.log_text()
