@@ -266,10 +266,7 @@ class UpstreamPool:
 
     def forget(self, account_id: str) -> None:
         """The account changed or was deleted: close its idle connections now (busy ones close when given back)."""
-        for conn in list(self._conns.get(account_id, ())):
-            conn.fingerprint = ""
-            if conn.state == "idle":
-                conn.close("account changed")
+        self._forget_changed(account_id, None)
 
     def counts(self) -> dict[str, int]:
         """{"busy": n, "idle": n} over all accounts."""
@@ -300,9 +297,11 @@ class UpstreamPool:
             return
         raise ProviderThrottled(left)
 
-    def _forget_changed(self, account_id: str, print_: str) -> None:
+    def _forget_changed(self, account_id: str, print_: str | None) -> None:
+        """Connections opened for other settings than ``print_`` (all of them for None) serve no more:
+        idle ones close now, busy ones when given back (an empty fingerprint marks them)."""
         for conn in list(self._conns.get(account_id, ())):
-            if conn.fingerprint != print_:
+            if print_ is None or conn.fingerprint != print_:
                 conn.fingerprint = ""
                 if conn.state == "idle":
                     conn.close("account changed")
