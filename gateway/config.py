@@ -70,6 +70,7 @@ class UpstreamConfig:
     ca_file: str | None = None
     connect_timeout: float = 15.0
     refresh_margin: float = 120.0
+    forward_client_ip: bool = False  # IMAP ID x-originating-ip/-port before authenticating upstream
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ class LimitsConfig:
     max_connections: int = field(default=10000, metadata=ZERO_OK)       # 0 = no cap
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"  # text | json (one JSON object per line)
+
+
 @dataclass(frozen=True)
 class Config:
     store: str = "sqlite:var/gateway.db"
@@ -109,6 +118,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _check_type(path: str, value: Any, default: Any, hint: str, zero_ok: bool = False) -> Any:
@@ -186,6 +196,8 @@ def _validate(config: Config) -> None:
             f"config key network.address_strategy: expected one of {', '.join(ADDRESS_STRATEGIES)}"
         )
     _validate_network(net)
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError(f"config key log.format: expected one of {', '.join(LOG_FORMATS)}")
     if config.upstream.ca_file is not None and not Path(config.upstream.ca_file).is_file():
         raise ConfigError(f"config key upstream.ca_file: no such file {config.upstream.ca_file}")
     if not (config.imap.listen or config.imap.starttls_listen):

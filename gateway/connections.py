@@ -6,11 +6,7 @@ import itertools
 import time
 from typing import Any, Callable
 
-from prometheus_client import Counter, Gauge
-
-LOGINS = Counter("gateway_logins_total", "Client logins by protocol and result", ["protocol", "result"])
-SESSIONS = Gauge("gateway_sessions_active", "Relayed sessions open now", ["protocol"])
-RELAYED = Counter("gateway_relayed_bytes_total", "Bytes relayed", ["protocol", "direction"])
+from gateway.metrics import RELAYED, SESSIONS
 
 
 class Session:

@@ -12,10 +12,11 @@ from collections import deque
 from typing import Callable
 
 import netaddr
-from prometheus_client import Counter, Gauge
 from twisted.logger import Logger
 
 from gateway.config import LimitsConfig
+from gateway.metrics import AUTH_DELAYED as DELAYED, AUTH_FAILURES as FAILURES, LOCKOUTS, REFUSED
+from gateway.metrics import CLIENT_CONNECTIONS as OPEN
 
 log = Logger()
 
@@ -25,11 +26,6 @@ MAX_DELAY = 5.0          # seconds: the longest a failed login's answer is held
 FIRST_DELAY = 0.5        # the first delay past the threshold; each further failure doubles it
 MAX_TRACKED = 50000      # addresses or accounts followed at once
 
-FAILURES = Counter("gateway_auth_failures_total", "Failed client logins", ["protocol"])
-DELAYED = Counter("gateway_auth_delayed_total", "Failed logins whose answer was delayed", ["protocol"])
-LOCKOUTS = Counter("gateway_auth_lockouts_total", "Client addresses locked out after too many failures")
-REFUSED = Counter("gateway_connections_refused_total", "Connections refused by a connection cap", ["cap"])
-OPEN = Gauge("gateway_client_connections", "Client connections open now (IMAP and SMTP)")
 
 
 class _Window:

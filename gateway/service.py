@@ -26,7 +26,7 @@ from gateway.imap.upstream import IMAP_KEEPER, IMAP_LEG
 from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.smtp.upstream import SMTP_LEG
 from gateway.net.connector import Connector
-from gateway.net.opener import Leg, Opened, open_upstream
+from gateway.net.opener import ClientAddress, Leg, Opened, open_upstream
 from gateway.net.policy import check_configured, configured_addresses
 from gateway.net.pool import PoolSettings, UpstreamPool
 from gateway.session import CLOSE_GRACE, SessionDeps
@@ -61,14 +61,15 @@ class Core:
         self.pools["imap"] = UpstreamPool("imap", PoolSettings(
             max_connections=imap.max_connections_per_account, limit_wait=imap.limit_wait,
             idle_ttl=imap.pool.idle_ttl, max_idle=imap.pool.max_idle_per_account,
+            per_client=self.config.upstream.forward_client_ip,
         ), self.reactor, self._opener(IMAP_LEG), IMAP_KEEPER)
         self.pools["smtp"] = UpstreamPool("smtp", PoolSettings(
             max_connections=smtp.max_connections_per_account, limit_wait=smtp.limit_wait, idle_ttl=0,
         ), self.reactor, self._opener(SMTP_LEG))
 
     def _opener(self, leg: Leg) -> Any:
-        async def open_for(account: dict[str, Any]) -> Opened:
-            return await open_upstream(self, account, leg)
+        async def open_for(account: dict[str, Any], client: ClientAddress | None) -> Opened:
+            return await open_upstream(self, account, leg, client)
         return open_for
 
     @property
@@ -159,6 +160,9 @@ class Listener(service.Service):
             self.inner.startService()
         except CannotListenError as e:
             self._fail(e)
+        protocol = self.key.split(".")[0]
+        log.info("{proto} listening on {description} ({key})", event="listening", proto=protocol.upper(),
+                 description=self.description, key=self.key)
 
     def stopService(self) -> Any:
         super().stopService()

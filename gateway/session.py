@@ -30,8 +30,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.auth.tokens import TokenCheck, looks_like_token
-from gateway.connections import LOGINS, Connections, Session
-from gateway.net.opener import Opened
+from gateway.connections import Connections, Session
+from gateway.metrics import LOGIN_SECONDS, LOGINS, SESSIONS_TOTAL
+from gateway.net.opener import ClientAddress, Opened
 from gateway.limits import MAX_DELAY, AuthLimiter, ConnectionLimiter
 from gateway.net.flow import LOGIN, OUTPUT, Flow, FlowProducer
 from gateway.net.pool import Lease
@@ -48,6 +49,14 @@ def peer_host(transport: Any) -> str:
         return str(getattr(transport.getPeer(), "host", "") or "")
     except Exception:
         return ""
+
+
+def peer_port(transport: Any) -> int:
+    """The client's port (after any PROXY header), or 0."""
+    try:
+        return int(getattr(transport.getPeer(), "port", 0) or 0)
+    except Exception:
+        return 0
 
 
 def loggable(name: str) -> str:
@@ -77,7 +86,7 @@ class UpstreamSource(Interface):
     def pooling(self) -> bool:
         """Whether a released connection may serve a later client (else release means close)."""
 
-    async def acquire(self, account: dict[str, Any]) -> Lease: ...
+    async def acquire(self, account: dict[str, Any], client: ClientAddress | None = None) -> Lease: ...
 
 
 @dataclass
@@ -171,6 +180,7 @@ class GatewaySession(Protocol):
         self._to_upstream: Coalescer | None = None
         self._coupling: Coupling | None = None
         self._socket: Any = None
+        self._started_at = 0.0  # when the session start was logged (0: not logged, no end line either)
 
     # What subclasses provide
     def make_machine(self) -> Any:
@@ -218,6 +228,8 @@ class GatewaySession(Protocol):
             if address and not self._admit_address(address):
                 return
         self.deps.connections.clients.add(self)
+        if not behind_proxy_header(self.transport):
+            self._log_start()
         self.flow = Flow(transport_of(self))
         if not self.tls:  # on TLS, once the handshake is done (handshakeCompleted)
             self.watch_output()
@@ -264,6 +276,8 @@ class GatewaySession(Protocol):
             address = peer_host(self.transport)
             if address and not self._admit_address(address):
                 return
+        if not self._started_at and not self._gone:
+            self._log_start()  # behind a PROXY header: the client's address is known now
         quickack(self._socket)
         if self.session is not None and self.lease is None:
             return  # the upstream was given back (LOGOUT answered here): nothing may reach it now
@@ -272,6 +286,23 @@ class GatewaySession(Protocol):
             return
         self._perform(self.machine.receive_data(data))
         self._bound_pending()
+
+    def _log_start(self) -> None:
+        self._started_at = self.reactor.seconds()
+        SESSIONS_TOTAL.labels(self.name).inc()
+        log.info("{proto} session start client={client} tls={tls}", event="session.start",
+                 proto=self.name.upper(), client=peer_host(self.transport) or "-",
+                 tls="yes" if self.tls else "no")
+
+    def _log_end(self) -> None:
+        session = self.session
+        log.info("{proto} session end client={client} account={account} seconds={seconds:.1f} "
+                 "to_upstream={to_upstream} to_client={to_client}", event="session.end",
+                 proto=self.name.upper(), client=peer_host(self.transport) or "-",
+                 account=session.account if session else "-",
+                 seconds=self.reactor.seconds() - self._started_at,
+                 to_upstream=session.bytes_to_upstream if session else 0,
+                 to_client=session.bytes_to_client if session else 0)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._gone = True
@@ -301,6 +332,8 @@ class GatewaySession(Protocol):
         self.give_back_upstream()
         if self.session is not None:
             self.session.close()
+        if self._started_at:
+            self._log_end()
 
     # Before login: answers only as fast as the client reads them
     def _send(self, data: bytes) -> None:
@@ -502,33 +535,33 @@ class GatewaySession(Protocol):
             return
         if check is not TokenCheck.OK or account is None:
             denied = check is TokenCheck.DENIED_ADDRESS
-            if check is TokenCheck.OK:
-                result = "unknown-account"
-            else:
-                result = "denied-address" if denied else "invalid-credentials"
+            reason = "unknown-account" if check is TokenCheck.OK else check.reason
             delay = limits.failed(client, action.username, self.name) if limits is not None else 0.0
-            self._fail_later(delay, action, self.reply("denied" if denied else "invalid"), result)
+            self._fail_later(delay, action, self.reply("denied" if denied else "invalid"), reason)
             return
         if limits is not None:
             limits.succeeded(client)
-        acquiring: defer.Deferred[Lease] = defer.ensureDeferred(self.deps.upstreams.acquire(account))
+        acquiring: defer.Deferred[Lease] = defer.ensureDeferred(
+            self.deps.upstreams.acquire(account, ClientAddress(client, peer_port(self.transport))))
         acquiring.addTimeout(self.settings.login_timeout, self.reactor, onTimeoutCancel=_login_timed_out)
         try:
             lease = await acquiring
         except UpstreamError as e:
-            self._fail(action, self.reply("unavailable", str(e)), "unavailable", reason=str(e))
+            self._fail(action, self.reply("unavailable", str(e)), e.code, detail=str(e))
             return
         if self._gone:
             lease.release()  # fresh from a login or a resync: clean, nothing selected
             return
         self.lease = lease
         self.upstream = opened = lease.opened
-        LOGINS.labels(self.name, "ok").inc()
+        took = time.monotonic() - started
+        LOGINS.labels(self.name, "ok", "").inc()
+        LOGIN_SECONDS.labels(self.name).observe(took)
         log.info("{proto} login account={account} client={client} upstream={upstream} source={source} "
-                 "proxy={proxy} result=ok ms={ms:.0f} pooled={pooled}", proto=self.name.upper(),
+                 "proxy={proxy} result=ok ms={ms:.0f} pooled={pooled}", event="login", proto=self.name.upper(),
                  account=loggable(action.username), client=client, upstream=str(opened.target),
                  source=opened.route.source or "-", proxy=opened.route.proxy or "-",
-                 pooled="yes" if lease.pooled else "no", ms=(time.monotonic() - started) * 1000)
+                 pooled="yes" if lease.pooled else "no", ms=took * 1000, result="ok")
         self.session = self.deps.connections.open(
             self.name, action.username, client, str(opened.target), opened.route.source, opened.route.proxy,
             pooled=lease.pooled)
@@ -536,22 +569,24 @@ class GatewaySession(Protocol):
         self.session.ender = self.end_by_admin
         self._perform(self.login_succeeded(action, opened))
 
-    def _fail_later(self, delay: float, action: Any, text: bytes, result: str) -> None:
+    def _fail_later(self, delay: float, action: Any, text: bytes, reason: str) -> None:
         """Answer a failed login, after ``delay`` seconds when the limits say so (commands wait meanwhile)."""
         if delay <= 0:
-            self._fail(action, text, result)
+            self._fail(action, text, reason)
             return
-        self._fail_call = self.reactor.callLater(delay, self._fail, action, text, result,
+        self._fail_call = self.reactor.callLater(delay, self._fail, action, text, reason,
                                                  f"(answer held {delay:.1f} s)")
 
-    def _fail(self, action: Any, text: bytes, result: str, reason: str = "") -> None:
+    def _fail(self, action: Any, text: bytes, reason: str, detail: str = "") -> None:
+        """A refused login: ``reason`` is its code (bad-token, revoked, scope, cidr, unknown-account,
+        locked-out, oauth2, upstream, upstream-auth, throttled, limit, error)."""
         self._fail_call = None
         if self._gone:
             return
-        LOGINS.labels(self.name, result).inc()
-        log.info("{proto} login account={account} client={client} upstream=- result={result} {reason}",
-                 proto=self.name.upper(), account=loggable(action.username), client=self.client,
-                 result=result, reason=reason)
+        LOGINS.labels(self.name, "fail", reason).inc()
+        log.info("{proto} login account={account} client={client} upstream=- result=fail reason={reason} {detail}",
+                 event="login", proto=self.name.upper(), account=loggable(action.username), client=self.client,
+                 result="fail", reason=reason, detail=detail)
         self._resume()
         self._perform(self.login_failed(action, text))
 

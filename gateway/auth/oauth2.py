@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.auth.http import HTTPError, post_form
+from gateway.metrics import OAUTH2_REFRESH_SECONDS, OAUTH2_REFRESHES
 
 log = Logger()
 
@@ -119,14 +120,20 @@ class TokenSource:
             token = await refresh_grant(self._reactor, self._connector, app, account, refresh_token,
                                         self._timeout)
         except RefreshError as e:
-            log.warn("OAuth2 refresh failed for account {account}: {reason}", account=account_id, reason=str(e))
+            OAUTH2_REFRESHES.labels("fail").inc()
+            OAUTH2_REFRESH_SECONDS.observe(self._clock() - started)
+            log.warn("OAuth2 refresh failed for account {account}: {reason}", account=account_id, reason=str(e),
+                     event="oauth2.refresh", result="fail")
             raise
+        OAUTH2_REFRESH_SECONDS.observe(self._clock() - started)
         access = token.get("access_token")
         if not access:
+            OAUTH2_REFRESHES.labels("fail").inc()
             raise RefreshError("OAuth2 token refresh failed: no access_token in the response")
+        OAUTH2_REFRESHES.labels("ok").inc()
         expires = float(token.get("expires_at") or started + float(token.get("expires_in") or 3600))
         await self._store.set_oauth_tokens(account_id, access, expires, token.get("refresh_token"))
         self.refreshes += 1
         log.info("OAuth2 access token refreshed for account {account}, valid {seconds:.0f} s",
-                 account=account_id, seconds=expires - self._clock())
+                 account=account_id, seconds=expires - self._clock(), event="oauth2.refresh", result="ok")
         return str(access)

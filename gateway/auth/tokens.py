@@ -26,8 +26,19 @@ class TokenCheck(enum.Enum):
     """Outcome of checking a presented token."""
 
     OK = "ok"
-    INVALID = "invalid"
-    DENIED_ADDRESS = "denied-address"
+    INVALID = "invalid"                # unknown token, or another account's
+    REVOKED = "revoked"
+    WRONG_SCOPE = "scope"
+    DENIED_ADDRESS = "denied-address"  # outside the token's CIDRs
+
+    @property
+    def reason(self) -> str:
+        """The reason code of a refused login in logs and metrics (the client is told less)."""
+        return _REASONS[self]
+
+
+_REASONS = {TokenCheck.OK: "", TokenCheck.INVALID: "bad-token", TokenCheck.REVOKED: "revoked",
+            TokenCheck.WRONG_SCOPE: "scope", TokenCheck.DENIED_ADDRESS: "cidr"}
 
 
 def new_token() -> str:
@@ -136,9 +147,10 @@ def check_token(
     """Check a presented token hash against its stored record.
 
     record holds at least `hash`, `scopes`, and optionally `revoked` and
-    `restrictions: {addresses: [...]}`. Returns INVALID for no record, a wrong
-    scope, a revoked token or a hash mismatch; DENIED_ADDRESS when the peer is
-    outside every allowed CIDR; OK otherwise. Pure: no I/O, no clock.
+    `restrictions: {addresses: [...]}`. Returns INVALID for no record or a hash
+    mismatch, REVOKED, WRONG_SCOPE; DENIED_ADDRESS when the peer is outside
+    every allowed CIDR; OK otherwise. Clients are told only invalid or denied;
+    the distinction is for logs and metrics. Pure: no I/O, no clock.
     """
     if record is None:
         return TokenCheck.INVALID
@@ -149,9 +161,9 @@ def check_token(
                                presented_hash.encode("ascii", "replace")):
         return TokenCheck.INVALID
     if record.get("revoked"):
-        return TokenCheck.INVALID
+        return TokenCheck.REVOKED
     if scope not in (record.get("scopes") or ()):
-        return TokenCheck.INVALID
+        return TokenCheck.WRONG_SCOPE
     restrictions = record.get("restrictions") or {}
     addresses = restrictions.get("addresses") if isinstance(restrictions, Mapping) else None
     if not address_allowed(addresses, peer_ip):

@@ -9,7 +9,7 @@ from typing import Any
 
 
 from gateway.auth.xoauth2 import decode_error, initial_response
-from gateway.net.opener import Leg
+from gateway.net.opener import ClientAddress, Leg
 from gateway.net.transport import transport_of
 from gateway.net.opener import Opened
 from gateway.net.throttle import throttle_delay
@@ -108,7 +108,8 @@ def _check_throttled(responses: list[bytes]) -> None:
 
 
 async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: Any = None,
-                gateway_id: bytes = b'("name" "gateway" "version" "0.1")') -> bytes:
+                gateway_id: bytes = b'("name" "gateway" "version" "0.1")',
+                login_id: bytes | None = None) -> bytes:
     """Drive a fresh upstream connection to the authenticated state; returns its capabilities.
 
     Round trips: the greeting (with capabilities, as Gmail, Microsoft 365 and
@@ -135,7 +136,8 @@ async def login(proto: UpstreamIMAP, creds: Credentials, *, starttls_options: An
         tagged, untagged = await proto.command(b"CAPABILITY")
         caps = capabilities_in(untagged) or b""
     words = caps.upper().split()
-    id_tag = proto.send(b"ID " + gateway_id) if b"ID" in words else None
+    # Before authenticating, the ID may carry the client's address (login_id); after, it never does.
+    id_tag = proto.send(b"ID " + (login_id or gateway_id)) if b"ID" in words else None
 
     if creds.mechanism == "XOAUTH2":
         tagged, untagged = await _xoauth2(proto, creds, sasl_ir=b"SASL-IR" in words, first=id_tag)
@@ -198,8 +200,20 @@ async def _xoauth2(proto: UpstreamIMAP, creds: Credentials, sasl_ir: bool,
         return tagged, untagged + more
 
 
-async def _leg_login(core: Any, proto: UpstreamIMAP, creds: Credentials, starttls: Any, route: Any) -> bytes:
-    return await login(proto, creds, starttls_options=starttls, gateway_id=core.imap_id)
+async def _leg_login(core: Any, proto: UpstreamIMAP, creds: Credentials, starttls: Any, route: Any,
+                     client: ClientAddress | None) -> bytes:
+    forward = client if core.config.upstream.forward_client_ip and client and client.host else None
+    return await login(proto, creds, starttls_options=starttls, gateway_id=core.imap_id,
+                       login_id=id_with_client(core.imap_id, forward) if forward else None)
+
+
+def id_with_client(gateway_id: bytes, client: ClientAddress) -> bytes:
+    """Our ID list with the client's address (RFC 2971 fields Dovecot honours from its
+    login_trusted_networks, and Gmail and Microsoft 365 log): sent before authenticating only."""
+    extra = b' "x-originating-ip" ' + _quoted(client.host)
+    if client.port:
+        extra += b' "x-originating-port" "' + str(client.port).encode() + b'"'
+    return gateway_id[:-1] + extra + b")"
 
 
 IMAP_LEG = Leg("imap", UpstreamIMAP, tls_port=993, starttls_port=143, password_mechanism="LOGIN",

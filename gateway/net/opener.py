@@ -15,17 +15,16 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as TxTimeoutError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from prometheus_client import Counter
 
 from gateway.auth.oauth2 import RefreshError
+from gateway.metrics import UPSTREAM_CONNECT_SECONDS, UPSTREAM_LOGIN_SECONDS
+from gateway.metrics import UPSTREAM_TLS_HANDSHAKES as TLS_HANDSHAKES
 from gateway.net.connector import ProxyError, Route
-from gateway.net.upstream import Credentials, ResponseReader, UpstreamAuthError, UpstreamError
+from gateway.net.upstream import (Credentials, OAuth2Unavailable, ResponseReader, UpstreamAuthError,
+                                  UpstreamError)
 
 log = Logger()
 
-TLS_HANDSHAKES = Counter("gateway_upstream_tls_handshakes_total",
-                         "Upstream TLS handshakes of logged-in connections, by whether a session was resumed",
-                         ["protocol", "resumed"])
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,16 @@ class Leg:
     tls_port: int
     starttls_port: int
     password_mechanism: str        # what Credentials.mechanism says for password accounts
-    # login(core, proto, creds, starttls_options, route) -> whatever the leg's relay needs
-    login: Callable[[Any, Any, Credentials, Any, Route], Awaitable[Any]]
+    # login(core, proto, creds, starttls_options, route, client) -> whatever the leg's relay needs
+    login: Callable[[Any, Any, Credentials, Any, Route, "ClientAddress | None"], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class ClientAddress:
+    """The client a connection is opened for (``upstream.forward_client_ip`` tells the provider)."""
+
+    host: str
+    port: int
 
 
 @dataclass
@@ -81,7 +88,7 @@ async def credentials_for(core: Any, account: dict[str, Any], leg: Leg, force: b
         try:
             token = await core.tokens.access_token(account, force=force)
         except RefreshError as e:
-            raise UpstreamError(str(e)) from None
+            raise OAuth2Unavailable(str(e)) from None
         user = (oauth.get("auth") or {}).get("user") or account.get("email") or ""
         return Credentials("XOAUTH2", user, token)
     auth = (account.get(leg.name) or {}).get("auth") or {}
@@ -90,14 +97,15 @@ async def credentials_for(core: Any, account: dict[str, Any], leg: Leg, force: b
     return Credentials(leg.password_mechanism, auth.get("user") or account.get("email") or "", auth["pass"])
 
 
-async def open_upstream(core: Any, account: dict[str, Any], leg: Leg) -> Opened:
+async def open_upstream(core: Any, account: dict[str, Any], leg: Leg,
+                        client: ClientAddress | None = None) -> Opened:
     """Connect, verify TLS, log in upstream; one forced token refresh if the provider refuses ours."""
     target = await target_for(core, account, leg)
     forced = False
     while True:
         creds = await credentials_for(core, account, leg, forced)
         try:
-            return await _attempt(core, account, target, creds, leg)
+            return await _attempt(core, account, target, creds, leg, client)
         except UpstreamAuthError:
             if creds.mechanism != "XOAUTH2" or forced:
                 raise
@@ -107,25 +115,36 @@ async def open_upstream(core: Any, account: dict[str, Any], leg: Leg) -> Opened:
 
 
 async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Credentials,
-                   leg: Leg) -> Opened:
+                   leg: Leg, client: ClientAddress | None) -> Opened:
     factory = Factory.forProtocol(leg.protocol)
     factory.noisy = False  # no "Starting factory" log line per upstream connection
+    clock = core.reactor.seconds
+    started = clock()
+    connect_seconds = UPSTREAM_CONNECT_SECONDS.labels(leg.name, "fail")
     try:
         proto, route = await core.connector.connect(
             target.host, target.port, factory, tls=target.secure, account=account)
     except ProxyError as e:  # "proxy: SOCKS5 authentication refused" etc., safe to show
+        connect_seconds.observe(clock() - started)
         raise UpstreamError(str(e)) from None
     except (ConnectError, DNSLookupError, TxTimeoutError) as e:
+        connect_seconds.observe(clock() - started)
         raise UpstreamError(f"cannot connect to {target}: {_reason(e)}") from None
+    connected = clock()
+    UPSTREAM_CONNECT_SECONDS.labels(leg.name, "ok").observe(connected - started)
+    login_seconds = UPSTREAM_LOGIN_SECONDS.labels(leg.name, "fail")
     starttls = None if target.secure else core.connector.tls_options(target.host)
     try:
-        result = await leg.login(core, proto, creds, starttls, route)
+        result = await leg.login(core, proto, creds, starttls, route, client)
     except (UpstreamError, defer.CancelledError):
+        login_seconds.observe(clock() - connected)
         proto.transport.abortConnection()
         raise
     except Exception as e:  # TLS verification errors arrive as connection loss or SSL errors
+        login_seconds.observe(clock() - connected)
         proto.transport.abortConnection()
         raise UpstreamError(f"upstream TLS or protocol error with {target}: {_reason(e)}") from None
+    UPSTREAM_LOGIN_SECONDS.labels(leg.name, "ok").observe(clock() - connected)
     _remember_tls_session(core, target, proto, leg)
     return Opened(proto, result, target, route)
 

@@ -24,25 +24,23 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 from automat import MethodicalMachine
-from prometheus_client import Counter, Gauge
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from gateway.net.opener import Opened
+from gateway.metrics import POOL, SOURCE_CONNECTIONS, UPSTREAM_CONNECTIONS as CONNECTIONS
+from gateway.net.opener import ClientAddress, Opened
 from gateway.net.upstream import ProviderThrottled, UpstreamError
 
 log = Logger()
 
-POOL = Counter("gateway_upstream_pool_total", "Upstream connections asked for, by outcome",
-               ["protocol", "result"])
-CONNECTIONS = Gauge("gateway_upstream_connections", "Upstream connections open now",
-                    ["protocol", "state"])
 
 TOO_MANY = "Too many connections for this account"
 
 
 class TooManyConnections(UpstreamError):
     """The account's cap was reached and no connection came free within the wait."""
+
+    code = "limit"
 
     def __init__(self) -> None:
         super().__init__(TOO_MANY)
@@ -57,6 +55,7 @@ class PoolSettings:
     idle_ttl: float = 0.0          # seconds an idle connection is kept; 0 = no pooling
     max_idle: int = 2              # idle connections kept per account
     resync_timeout: float = 5.0    # seconds the NOOP before reuse may take
+    per_client: bool = False       # reuse only for the client address it was opened for (forward_client_ip)
 
 
 class Keeper(Protocol):
@@ -66,7 +65,7 @@ class Keeper(Protocol):
     async def resync(self, opened: Opened) -> None: ...
 
 
-Opener = Callable[[dict[str, Any]], Awaitable[Opened]]
+Opener = Callable[[dict[str, Any], ClientAddress | None], Awaitable[Opened]]
 
 _VOLATILE = ("accessToken", "expires")
 
@@ -88,9 +87,10 @@ class PooledUpstream:
 
     _machine = MethodicalMachine()
 
-    def __init__(self, pool: "UpstreamPool", account: str, print_: str) -> None:
+    def __init__(self, pool: "UpstreamPool", account: str, print_: str, client_host: str = "") -> None:
         self.pool = pool
         self.account = account
+        self.client_host = client_host  # whom it was opened for (the provider was told, with per_client)
         self.fingerprint = print_
         self.opened: Opened | None = None
         self.idle_since = 0.0
@@ -150,6 +150,7 @@ class PooledUpstream:
     @_machine.output()
     def _keep(self, opened: Opened) -> None:
         self.opened = opened
+        SOURCE_CONNECTIONS.labels(self.pool.protocol, opened.route.source or "unknown").inc()
 
     @_machine.output()
     def _enter_idle(self) -> None:
@@ -167,7 +168,10 @@ class PooledUpstream:
     @_machine.output()
     def _shut(self, reason: str) -> None:
         self.pool._closed(self, reason)  # first: the slot is free whatever happens below
-        if self.opened is not None and not self.opened.protocol.closed:
+        if self.opened is None:
+            return
+        SOURCE_CONNECTIONS.labels(self.pool.protocol, self.opened.route.source or "unknown").dec()
+        if not self.opened.protocol.closed:
             self.opened.protocol.transport.abortConnection()
 
     connecting.upon(logged_in, enter=leased, outputs=[_keep])
@@ -234,8 +238,12 @@ class UpstreamPool:
 
     # -- what sessions call ---------------------------------------------------
 
-    async def acquire(self, account: dict[str, Any]) -> Lease:
-        """An authenticated upstream connection for ``account``: an idle one resynced, or a new one."""
+    async def acquire(self, account: dict[str, Any], client: ClientAddress | None = None) -> Lease:
+        """An authenticated upstream connection for ``account``: an idle one resynced, or a new one.
+
+        With ``per_client`` only one opened for the same client address is reused:
+        the provider was told that address at login.
+        """
         account_id = str(account["account"])
         self._check_backoff(account_id)
         print_ = fingerprint(account)
@@ -244,21 +252,22 @@ class UpstreamPool:
         deadline = now + self.settings.limit_wait
         reset_deadline = now + self.settings.resync_timeout
         while True:
-            conn = self._take_idle(account_id)
+            conn = self._take_idle(account_id, client)
             if conn is not None:
                 if await self._resync(conn):
                     POOL.labels(self.protocol, "hit").inc()
                     return Lease(conn, pooled=True)
                 continue
             now = self.reactor.seconds()
-            if now < reset_deadline and any(c.state == "resetting" for c in self._conns.get(account_id, ())):
+            if now < reset_deadline and any(c.state == "resetting" and self._serves(c, client)
+                                            for c in self._conns.get(account_id, ())):
                 # A client just logged out (a script's next run, a client reconnecting):
                 # its connection is idle after one UNSELECT; that beats a new login.
                 await self._wait(account_id, reset_deadline - now)
                 continue
             cap = self.settings.max_connections
             if not cap or len(self._conns.get(account_id, ())) < cap:
-                return await self._open(account, print_)
+                return await self._open(account, print_, client)
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
                 raise TooManyConnections()
@@ -306,8 +315,11 @@ class UpstreamPool:
                 if conn.state == "idle":
                     conn.close("account changed")
 
-    def _take_idle(self, account_id: str) -> PooledUpstream | None:
-        idle = [c for c in self._conns.get(account_id, ()) if c.state == "idle"]
+    def _serves(self, conn: PooledUpstream, client: ClientAddress | None) -> bool:
+        return not self.settings.per_client or conn.client_host == (client.host if client else "")
+
+    def _take_idle(self, account_id: str, client: ClientAddress | None) -> PooledUpstream | None:
+        idle = [c for c in self._conns.get(account_id, ()) if c.state == "idle" and self._serves(c, client)]
         if not idle:
             return None
         conn = max(idle, key=lambda c: c.idle_since)  # the most recently used is the most likely alive
@@ -337,13 +349,13 @@ class UpstreamPool:
         self._gauges()
         return True
 
-    async def _open(self, account: dict[str, Any], print_: str) -> Lease:
+    async def _open(self, account: dict[str, Any], print_: str, client: ClientAddress | None) -> Lease:
         account_id = str(account["account"])
-        conn = PooledUpstream(self, account_id, print_)
+        conn = PooledUpstream(self, account_id, print_, client.host if client else "")
         self._conns.setdefault(account_id, []).append(conn)
         self._gauges()
         try:
-            opened = await self.opener(account)
+            opened = await self.opener(account, client)
         except ProviderThrottled as e:
             conn.close("throttled")
             self.back_off(account_id, e.delay)

@@ -21,13 +21,25 @@ MAX_RESPONSE = 256 * 1024
 class UpstreamError(Exception):
     """The upstream could not be reached or used; the message is safe to show to the client."""
 
+    code = "upstream"  # the login's reason code in logs and metrics
+
 
 class UpstreamAuthError(UpstreamError):
     """The upstream refused our credentials (token or password)."""
 
+    code = "upstream-auth"
+
+
+class OAuth2Unavailable(UpstreamError):
+    """No access token: the OAuth2 refresh failed (the provider refused it or could not be reached)."""
+
+    code = "oauth2"
+
 
 class ProviderThrottled(UpstreamError):
     """The provider asked us to back off this account for ``delay`` seconds."""
+
+    code = "throttled"
 
     def __init__(self, delay: float) -> None:
         super().__init__(f"Provider throttled this account, retry in {max(1, math.ceil(delay))} s")

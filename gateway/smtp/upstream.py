@@ -116,7 +116,8 @@ async def _xoauth2(proto: UpstreamSMTP, creds: Credentials) -> bytes:
     return reply
 
 
-async def _leg_login(core: Any, proto: UpstreamSMTP, creds: Credentials, starttls: Any, route: Any) -> SMTPLogin:
+async def _leg_login(core: Any, proto: UpstreamSMTP, creds: Credentials, starttls: Any, route: Any,
+                     client: Any = None) -> SMTPLogin:
     ehlo_name = getattr(core.connector, "ehlo_name", None)
     name = ehlo_name(route) if ehlo_name is not None else core.config.smtp.hostname
     if hasattr(name, "addCallback") or hasattr(name, "__await__"):

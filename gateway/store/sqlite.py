@@ -346,7 +346,7 @@ class SQLiteStore:
                      account: str | None = None) -> tuple[TokenCheck, dict[str, Any] | None]:
         """Check a presented token for scope, account, revocation and the peer's address.
 
-        Returns (OK | DENIED_ADDRESS, public record) or (INVALID, None).
+        Returns (OK | DENIED_ADDRESS, public record) or (INVALID | REVOKED | WRONG_SCOPE, None).
         """
         if not isinstance(secret, str) or not secret:
             return TokenCheck.INVALID, None
@@ -360,7 +360,8 @@ class SQLiteStore:
         if record.account is None and scope != "api":
             return TokenCheck.INVALID, None
         result = check_token(record.check_view(), presented, scope, peer_ip)
-        return result, (None if result is TokenCheck.INVALID else record.public())
+        known = result is TokenCheck.OK or result is TokenCheck.DENIED_ADDRESS
+        return result, (record.public() if known else None)
 
     def get_token(self, token_or_id: str) -> dict[str, Any] | None:
         """The public record of a token given its secret or its public id."""

@@ -163,6 +163,23 @@ class Gateway:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null")
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of ``GET /metrics`` (0 when absent), e.g.
+        ``metric("gateway_logins_total", protocol="imap", result="ok", reason="")``."""
+        text = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}/metrics", headers={"Authorization": f"Bearer {self.admin_token}"}),
+            timeout=10).read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == name and not want:
+                return float(value)
+            if sample.startswith(name + "{") and sample.endswith("}"):
+                got = ",".join(sorted(sample[len(name) + 1:-1].split(",")))
+                if got == want:
+                    return float(value)
+        return 0.0
+
     def add_oauth_account(self, account: str, email: str, access_lifetime: float = 300.0,
                           **extra: Any) -> str:
         """Create an OAuth2 account whose refresh token the provider issued; returns it."""

@@ -163,7 +163,7 @@ def test_upstream_down_gives_unavailable(gateway, new_email):
                               imap={"host": "127.0.0.1", "port": free_port(), "secure": True})
     line = raw_login(gateway, account_id, gateway.token(account_id))
     assert b"a1 NO [UNAVAILABLE] cannot connect to 127.0.0.1:" in line, line
-    assert "result=unavailable" in gateway.log_text()
+    assert "result=fail reason=upstream cannot connect to 127.0.0.1:" in gateway.log_text()
 
 
 def test_revoked_refresh_token_gives_unavailable(gateway, new_email, oauth2_provider):
@@ -336,7 +336,7 @@ def test_connections_and_metrics_show_a_live_session(gateway, account):
     req = urllib.request.Request(f"http://127.0.0.1:{gateway.api_port}/metrics",
                                  headers={"Authorization": f"Bearer {gateway.admin_token}"})
     text = urllib.request.urlopen(req, timeout=10).read().decode()
-    assert 'gateway_logins_total{protocol="imap",result="ok"}' in text
+    assert 'gateway_logins_total{protocol="imap",reason="",result="ok"}' in text
     assert 'gateway_sessions_active{protocol="imap"}' in text
     conn.logout()
     assert wait_for(lambda: not [c for c in gateway.api("GET", "/v1/connections")[1]["connections"]

@@ -35,16 +35,7 @@ def upstream_sessions(gw: Gateway, email: str) -> int:
 
 
 def metric(gw: Gateway, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{gw.api_port}/metrics", headers={"Authorization": f"Bearer {gw.admin_token}"}),
-        timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = ",".join(sorted(line[len(name) + 1:line.index("}")].split(",")))
-            if got == want:
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return gw.metric(name, **labels)
 
 
 def pool_idle(gw: Gateway) -> float:

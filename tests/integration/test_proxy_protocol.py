@@ -119,7 +119,7 @@ def test_imap_cidr_is_checked_against_the_proxied_client(behind, account, listen
     assert b"a1 OK [CAPABILITY " in imap_login(behind, listener, version, ALLOWED, account, token)
     assert wait_for(lambda: f"IMAP login account={account} client={ALLOWED} " in behind.gw.log_text())
     lines = [line for line in behind.gw.log_text().splitlines() if f"account={account} " in line]
-    assert any(f"client={OTHER} upstream=- result=denied-address" in line for line in lines), lines
+    assert any(f"client={OTHER} upstream=- result=fail reason=cidr" in line for line in lines), lines
     assert any(f"client={ALLOWED} " in line and "result=ok" in line for line in lines), lines
     assert not any("client=127.0.0.1 " in line for line in lines), lines
 
@@ -174,7 +174,7 @@ def test_smtp_cidr_is_checked_against_the_proxied_client(behind, account, smtp_s
     code, _text = smtp_login(behind, listener, version, ALLOWED, account, token)
     assert code == 235
     assert wait_for(lambda: f"SMTP login account={account} client={ALLOWED} " in behind.gw.log_text())
-    assert f"SMTP login account={account} client={OTHER} upstream=- result=denied-address" \
+    assert f"SMTP login account={account} client={OTHER} upstream=- result=fail reason=cidr" \
         in behind.gw.log_text()
 
 

@@ -43,7 +43,7 @@ class NoUpstreams:
     def __init__(self) -> None:
         self.asked: list[dict[str, Any]] = []
 
-    async def acquire(self, account: dict[str, Any]) -> Any:
+    async def acquire(self, account: dict[str, Any], client: Any = None) -> Any:
         self.asked.append(account)
         raise AssertionError("no upstream in this test")
 

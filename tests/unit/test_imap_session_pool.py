@@ -37,7 +37,7 @@ class Upstreams:
     def __init__(self) -> None:
         self.opened: list[tuple[UpstreamIMAP, StringTransport]] = []
 
-    async def open(self, account: dict[str, Any]) -> Opened:
+    async def open(self, account: dict[str, Any], client: Any = None) -> Opened:
         proto = UpstreamIMAP()
         transport = StringTransport()
         proto.makeConnection(transport)

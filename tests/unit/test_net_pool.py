@@ -77,7 +77,7 @@ class World:
         self.pool = UpstreamPool("imap", PoolSettings(**{**base, **settings}), self.reactor, self.open,
                                  self.keeper)
 
-    async def open(self, account: dict[str, Any]) -> Opened:
+    async def open(self, account: dict[str, Any], client: Any = None) -> Opened:
         if self.hold_open is not None:
             await self.hold_open
         if self.fail_open is not None:

@@ -241,7 +241,7 @@ def test_token_create_and_verify(store: SQLiteStore) -> None:
     assert store.verify_token(secret, "imap-proxy", "10.9.9.9") == (TokenCheck.OK, record)
     assert store.verify_token(secret, "smtp", "::ffff:10.9.9.9", account="alice")[0] is TokenCheck.OK
     assert store.verify_token(secret, "smtp", "192.0.2.1")[0] is TokenCheck.DENIED_ADDRESS
-    assert store.verify_token(secret, "api", "10.9.9.9") == (TokenCheck.INVALID, None)
+    assert store.verify_token(secret, "api", "10.9.9.9") == (TokenCheck.WRONG_SCOPE, None)
     assert store.verify_token(secret, "imap-proxy", "10.9.9.9", account="bob") == (TokenCheck.INVALID, None)
     tampered = secret[:-1] + ("1" if secret.endswith("0") else "0")
     assert store.verify_token(tampered, "imap-proxy", "10.9.9.9")[0] is TokenCheck.INVALID
@@ -376,7 +376,7 @@ def test_check_login_gives_the_account_with_secrets_only_for_a_good_token(tmp_pa
         assert token_id == _record["id"]
         assert (yield store.check_login(secret, "imap-proxy", "192.0.2.1", "a")) == \
             (TokenCheck.DENIED_ADDRESS, None, None)
-        assert (yield store.check_login(secret, "smtp", "10.1.2.3", "a")) == (TokenCheck.INVALID, None, None)
+        assert (yield store.check_login(secret, "smtp", "10.1.2.3", "a")) == (TokenCheck.WRONG_SCOPE, None, None)
         assert (yield store.check_login("0" * 64, "imap-proxy", "10.1.2.3", "a")) == \
             (TokenCheck.INVALID, None, None)
     finally:

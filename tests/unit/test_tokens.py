@@ -58,15 +58,17 @@ def test_check_invalid_without_record() -> None:
     assert check_token(None, hash_token("x"), "imap-proxy", "127.0.0.1") is TokenCheck.INVALID
 
 
-def test_check_invalid_for_wrong_scope() -> None:
+def test_check_wrong_scope() -> None:
     secret = new_token()
-    assert check_token(_record(secret), hash_token(secret), "smtp", "127.0.0.1") is TokenCheck.INVALID
+    check = check_token(_record(secret), hash_token(secret), "smtp", "127.0.0.1")
+    assert check is TokenCheck.WRONG_SCOPE and check.reason == "scope"
 
 
-def test_check_invalid_when_revoked() -> None:
+def test_check_revoked() -> None:
     secret = new_token()
     record = _record(secret, revoked=True)
-    assert check_token(record, hash_token(secret), "imap-proxy", "127.0.0.1") is TokenCheck.INVALID
+    check = check_token(record, hash_token(secret), "imap-proxy", "127.0.0.1")
+    assert check is TokenCheck.REVOKED and check.reason == "revoked"
 
 
 def test_check_invalid_for_hash_mismatch() -> None:
