@@ -21,6 +21,7 @@ from gateway.auth.oauth2 import TokenSource
 from gateway.config import Config
 from gateway.connections import Connections
 from gateway.imap.protocol import IMAPGatewayFactory
+from gateway.metrics import CERT_RELOADS
 from gateway.limits import AuthLimiter, ConnectionLimiter, open_files_cap
 from gateway.imap.upstream import IMAP_KEEPER, IMAP_LEG
 from gateway.smtp.protocol import SMTPGatewayFactory
@@ -30,7 +31,7 @@ from gateway.net.opener import ClientAddress, Leg, Opened, open_upstream
 from gateway.net.policy import check_configured, configured_addresses
 from gateway.net.pool import PoolSettings, UpstreamPool
 from gateway.session import CLOSE_GRACE, SessionDeps
-from gateway.tls import TLS_PREFIXES, ensure_certificate, listener_endpoint, server_options
+from gateway.tls import TLS_PREFIXES, ServerTLS, ensure_certificate, listener_endpoint
 
 log = Logger()
 
@@ -44,7 +45,7 @@ class Core:
     store: Any
     tokens: TokenSource
     connector: Connector
-    server_tls: Any
+    server_tls: ServerTLS
     connections: Connections = field(default_factory=Connections)
     version: str = __version__
     pools: dict[str, UpstreamPool] = field(default_factory=dict)
@@ -127,6 +128,28 @@ def exit_cleanly_on_sigterm(reactor: Any) -> None:
         reactor.callFromThread(reactor.stop)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def reload_certificate(server_tls: ServerTLS) -> None:
+    """SIGHUP: read tls.cert/tls.key again for new connections; live ones keep theirs."""
+    why_not = server_tls.reload()
+    if why_not is None:
+        CERT_RELOADS.labels("ok").inc()
+        log.info("Reloaded the TLS certificate: {subject}; new connections get it",
+                 event="tls.reload", result="ok", subject=server_tls.subject())
+    else:
+        CERT_RELOADS.labels("fail").inc()
+        log.error("SIGHUP: TLS certificate not reloaded, the current one stays: {why}",
+                  event="tls.reload", result="fail", why=why_not)
+
+
+def reload_on_sighup(reactor: Any, server_tls: ServerTLS) -> None:
+    import signal
+
+    def reload(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload_certificate, server_tls)
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 class Listener(service.Service):
@@ -213,7 +236,7 @@ def make_core(config: Config, reactor: Any) -> Core:
                          timeout=config.upstream.connect_timeout)
     reactor.callWhenRunning(connector.ehlo.warm, configured_addresses(config.network))
     return Core(config=config, reactor=reactor, store=store, tokens=tokens, connector=connector,
-                server_tls=server_options(config.tls.cert, config.tls.key),
+                server_tls=ServerTLS(config.tls.cert, config.tls.key),
                 max_connections=open_files_cap(config.limits))
 
 
@@ -226,6 +249,7 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     StoreService(core.store).setServiceParent(top)
     GracefulShutdown(core).setServiceParent(top)  # stops after the listeners, before the store
     reactor.callWhenRunning(exit_cleanly_on_sigterm, reactor)  # after Twisted installed its handlers
+    reactor.callWhenRunning(reload_on_sighup, reactor, core.server_tls)
 
 
     def listen(key: str, description: str, factory: Any, tls: bool) -> None:
@@ -233,7 +257,7 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
         parse_with = reactor
         shown = description
         if tls:
-            description, parse_with = listener_endpoint(description, config.tls.cert, config.tls.key, reactor)
+            description, parse_with = listener_endpoint(description, core.server_tls, reactor)
         Listener(strports.service(description, factory, reactor=parse_with), key, shown).setServiceParent(top)
 
     imap, smtp = core.session_deps("imap"), core.session_deps("smtp")

@@ -18,7 +18,7 @@ from OpenSSL._util import ffi as _ssl_ffi, lib as _ssl_lib  # session calls pyOp
 from twisted.internet import ssl
 from twisted.internet.error import VerifyError
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the interface optionsForClientTLS takes
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory  # the package exports only proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -277,31 +277,80 @@ def listener_description(description: str, cert_path: str, key_path: str) -> str
 PROXY_TLS_PREFIX = "haproxy:ssl:"
 
 
-class ProxyHeaderThenTLS:
-    """The reactor an ``ssl:`` endpoint is parsed with for ``haproxy:ssl:``: PROXY header first, then TLS.
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The certificate every gateway listener and STARTTLS serves, reloadable (SIGHUP).
+
+    Each new TLS connection takes the current options; a reload swaps them, so
+    connections already up keep the certificate they started with and the next
+    handshake gets the new one. A reload that fails (missing file, key that does
+    not match) keeps the current certificate and says why.
+    """
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.options = server_options(cert_path, key_path)  # ConfigError at start-up
+
+    def reload(self) -> str | None:
+        """Read the files again; None when the new certificate is in use, else why not."""
+        from gateway.config import ConfigError
+
+        try:
+            self.options = server_options(self.cert_path, self.key_path)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.options.getContext(), None)
+
+    def subject(self) -> str:
+        """The current certificate's subject and expiry, for the reload log line."""
+        cert = cast(Any, self.options).certificate
+        expires = cert.to_cryptography().not_valid_after_utc.strftime("%Y-%m-%d")
+        return f"{cert.get_subject().CN or '-'} (expires {expires})"
+
+
+class TLSListeners:
+    """The reactor a gateway TLS listener's ``ssl:`` endpoint is parsed with: it listens with the
+    gateway's reloadable :class:`ServerTLS` instead of the options the endpoint parser built from
+    the files once, and, for ``haproxy:ssl:``, reads the PROXY header before TLS.
 
     Twisted's ``haproxy:`` parser wraps the endpoint that follows it, so
     ``haproxy:ssl:`` decrypts first and expects the PROXY header inside the TLS
     stream. HAProxy sends it in clear before the client's ClientHello, and the
-    handshake fails on it. Here ``listenSSL`` listens on plain TCP with the
+    handshake fails on it. With ``proxy_header`` the port is plain TCP with the
     PROXY parser outermost and TLS inside it.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, server_tls: ServerTLS, proxy_header: bool) -> None:
         self._reactor = reactor
+        self.server_tls = server_tls
+        self.proxy_header = proxy_header
 
     def listenSSL(self, port: int, factory: Any, contextFactory: Any, backlog: int = 50,
                   interface: str = "") -> Any:
-        tls = TLSMemoryBIOFactory(contextFactory, False, factory, clock=self._reactor)
+        if not self.proxy_header:
+            return self._reactor.listenSSL(port, factory, self.server_tls, backlog=backlog, interface=interface)
+        creator = cast(IOpenSSLServerConnectionCreator, self.server_tls)  # @implementer, invisible to mypy
+        tls = TLSMemoryBIOFactory(creator, False, factory, clock=self._reactor)
         return self._reactor.listenTCP(port, HAProxyWrappingFactory(tls), backlog=backlog, interface=interface)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
 
-def listener_endpoint(description: str, cert_path: str, key_path: str, reactor: Any) -> tuple[str, Any]:
-    """The endpoint string of a client-facing listener and the reactor to parse it with."""
-    description = listener_description(description, cert_path, key_path)
+def listener_endpoint(description: str, server_tls: ServerTLS, reactor: Any) -> tuple[str, Any]:
+    """The endpoint string of a client-facing listener and the reactor to parse it with.
+
+    An ``ssl:`` or ``haproxy:ssl:`` listener that names no key of its own serves
+    ``server_tls`` (reloaded on SIGHUP); one with its own ``privateKey=`` keeps
+    what it names, read once.
+    """
+    if not description.startswith(TLS_PREFIXES) or "privateKey=" in description:
+        return description, reactor
+    description = listener_description(description, server_tls.cert_path, server_tls.key_path)
     if description.startswith(PROXY_TLS_PREFIX):
-        return description[len("haproxy:"):], ProxyHeaderThenTLS(reactor)
-    return description, reactor
+        return description[len("haproxy:"):], TLSListeners(reactor, server_tls, proxy_header=True)
+    return description, TLSListeners(reactor, server_tls, proxy_header=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run every test: installs the Debian packages the integration
-# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel, HAProxy) when
+# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel, HAProxy, systemd-analyze) when
 # missing, the Python package with its test extras, then runs pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,8 @@ command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 command -v stunnel4 >/dev/null 2>&1 || need+=(stunnel4)
 # HAProxy in front of the gateway's PROXY-protocol listeners.
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# systemd-analyze verifies contrib/gateway.service (tests/integration/test_contrib.py).
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

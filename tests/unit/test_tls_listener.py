@@ -14,7 +14,7 @@ from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
-from gateway.tls import ProxyHeaderThenTLS, ensure_certificate, listener_endpoint
+from gateway.tls import ServerTLS, TLSListeners, ensure_certificate, listener_endpoint
 
 # Twisted's `ssl:` endpoint parser builds its CertificateOptions from pyOpenSSL objects.
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
@@ -57,18 +57,20 @@ def listen(description: str, tmp_path: Path) -> tuple[MemoryReactorClock, str, F
     cert, key = str(tmp_path / "gw.pem"), str(tmp_path / "gw.key")
     ensure_certificate(cert, key, hostname="localhost")
     reactor = MemoryReactorClock()
-    parsed, parse_with = listener_endpoint(description, cert, key, reactor)
+    parsed, parse_with = listener_endpoint(description, ServerTLS(cert, key), reactor)
     factory = Factory.forProtocol(Recorder)
     strports.service(parsed, factory, reactor=parse_with).privilegedStartService()
     return reactor, parsed, factory
 
 
 def test_ssl_listener_gets_the_gateway_certificate(tmp_path):
-    """`ssl:` without a key names the gateway's cert and key, and listens with the reactor's own TLS."""
+    """`ssl:` without a key names the gateway's cert and key, and listens with the reactor's own TLS
+    and the gateway's reloadable certificate (not options the endpoint parser read once)."""
     reactor, parsed, factory = listen("ssl:2993:interface=127.0.0.1", tmp_path)
     assert parsed.startswith("ssl:2993:interface=127.0.0.1:privateKey=") and ":certKey=" in parsed
-    port, listening, _ctx, _backlog, interface = reactor.sslServers[0]
+    port, listening, ctx, _backlog, interface = reactor.sslServers[0]
     assert (port, listening, interface) == (2993, factory, "127.0.0.1") and not reactor.tcpServers
+    assert isinstance(ctx, ServerTLS)
 
 
 def test_haproxy_ssl_layers_proxy_outside_tls(tmp_path):
@@ -105,11 +107,14 @@ def test_haproxy_ssl_accepts_header_in_clear_then_tls(tmp_path):
 
 def test_other_listeners_are_parsed_unchanged(tmp_path):
     """`haproxy:tcp:` and `tcp:` strings pass through as written, parsed with the real reactor."""
-    for description in ("haproxy:tcp:2143:interface=127.0.0.1", "tcp:2587"):
+    server_tls = ServerTLS.__new__(ServerTLS)  # never asked for a certificate here
+    server_tls.cert_path, server_tls.key_path = "c.pem", "k.pem"
+    for description in ("haproxy:tcp:2143:interface=127.0.0.1", "tcp:2587",
+                        "ssl:2993:privateKey=own.key:certKey=own.pem"):
         reactor = MemoryReactorClock()
-        assert listener_endpoint(description, "c.pem", "k.pem", reactor) == (description, reactor)
-    assert not isinstance(listener_endpoint("ssl:2993", "c.pem", "k.pem", MemoryReactorClock())[1],
-                          ProxyHeaderThenTLS)
+        assert listener_endpoint(description, server_tls, reactor) == (description, reactor)
+    plain_tls = listener_endpoint("ssl:2993", server_tls, MemoryReactorClock())[1]
+    assert isinstance(plain_tls, TLSListeners) and not plain_tls.proxy_header
 
 
 def test_first_start_makes_a_local_ca_and_a_leaf_it_signs(tmp_path):
