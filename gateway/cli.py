@@ -15,6 +15,7 @@ import getpass
 import json
 import sqlite3
 import sys
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from gateway.auth.tokens import SCOPES
@@ -30,7 +31,7 @@ class CliError(Exception):
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Manage the IMAP/SMTP gateway's store.")
     parser.add_argument("--config", metavar="FILE", help="gateway.yaml (default: built-in defaults)")
-    top = parser.add_subparsers(dest="group", metavar="{token,account,app,store}", required=True)
+    top = parser.add_subparsers(dest="group", metavar="{token,account,app,store,secrets}", required=True)
 
     token = top.add_parser("token", help="access tokens").add_subparsers(dest="action", required=True)
     create = token.add_parser("create", help="issue a token; prints it alone on stdout")
@@ -66,8 +67,13 @@ def _build_parser() -> argparse.ArgumentParser:
     app_add = app.add_parser("add", help="register an OAuth2 app; prints its id")
     app_add.add_argument("--name", required=True)
     app_add.add_argument("--provider", required=True, choices=PROVIDERS)
-    app_add.add_argument("--client-id", required=True)
-    app_add.add_argument("--client-secret-stdin", action="store_true", required=True)
+    app_add.add_argument("--client-id", help="the OAuth2 client ID (not with --service-account-json)")
+    app_add.add_argument("--client-secret-stdin", action="store_true",
+                         help="read the client secret from stdin (needed except for a service account)")
+    app_add.add_argument("--grant", choices=("authorizationCode", "serviceAccount", "clientCredentials"),
+                         help="how accounts get tokens (default authorizationCode: each user consents)")
+    app_add.add_argument("--service-account-json", metavar="FILE",
+                         help="a Google service account's JSON key file (implies --grant serviceAccount)")
     app_add.add_argument("--authorization-url")
     app_add.add_argument("--token-url")
     app_add.add_argument("--oauth-scope", action="append", dest="oauth_scopes",
@@ -84,6 +90,14 @@ def _build_parser() -> argparse.ArgumentParser:
     backup.add_argument("file", metavar="FILE")
     restore = store.add_parser("restore", help="replace the store's content with the backup in FILE")
     restore.add_argument("file", metavar="FILE")
+
+    keys = top.add_parser("secrets", help="the key of the secrets at rest").add_subparsers(
+        dest="action", required=True)
+    rotate = keys.add_parser("rotate", help="re-encrypt every stored secret with a new key "
+                                            "(the previous key stays in the key file)")
+    rotate.add_argument("--retire", action="store_true",
+                        help="instead: re-encrypt with the current key and drop the older keys from the key file "
+                             "(once every gateway has been restarted since the rotation)")
     return parser
 
 
@@ -192,9 +206,22 @@ def _app(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets)
     if args.action == "add":
         data: dict[str, Any] = {"name": args.name, "provider": args.provider, "clientId": args.client_id,
                                 "authorizationUrl": args.authorization_url, "tokenUrl": args.token_url,
-                                "scopes": args.oauth_scopes, "authority": args.authority,
+                                "scopes": args.oauth_scopes, "authority": args.authority, "grant": args.grant,
                                 "imap": _server(args, "imap", None), "smtp": _server(args, "smtp", None)}
-        data["clientSecret"] = secrets.read("OAuth2 client secret")
+        if args.service_account_json:
+            try:
+                key = json.loads(Path(args.service_account_json).read_text())
+                data.update(grant="serviceAccount", serviceClientEmail=key["client_email"],
+                            serviceClient=key.get("client_id"), serviceKey=key["private_key"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CliError(f"{args.service_account_json} is not a service account JSON key file "
+                               f"({type(exc).__name__})") from None
+        elif not args.client_id:
+            raise CliError("--client-id is required (or --service-account-json)")
+        if args.client_secret_stdin:
+            data["clientSecret"] = secrets.read("OAuth2 client secret")
+        elif not args.service_account_json:
+            raise CliError("--client-secret-stdin is required: the client secret is read from stdin")
         created = store.create_app({k: v for k, v in data.items() if v is not None})
         out.write(created["id"] + "\n")
     elif args.action == "list":
@@ -218,20 +245,52 @@ def _store(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secret
         out.write("restored " + ", ".join(f"{n} {table}" for table, n in counts.items()) + "\n")
 
 
+def _secrets(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+    """`secrets rotate [--retire]` (see gateway.store.rotate). Prints counts, never a key or a secret."""
+    from gateway.store.rotate import retire_keys, rotate_key
+
+    key_file: str = args.secret_key_file
+    try:
+        if args.retire:
+            result = retire_keys(store, key_file)
+        else:
+            result = rotate_key(store, key_file)
+    except (StoreError, ValueError, OSError, sqlite3.Error) as exc:
+        if args.retire:
+            raise CliError(f"retiring the older keys failed: {_one_line(exc)}; {key_file} still holds "
+                           f"them all") from None
+        raise CliError(f"rotation failed: {_one_line(exc)}; the stored secrets are unchanged and "
+                       f"{key_file} still holds the keys that decrypt them: run it again") from None
+    # apps and accounts always; other tables (pending authorizations, settings) when they had any
+    counts = ", ".join(f"{n} {table}" for table, n in result.counts.items()
+                       if n or table in ("apps", "accounts"))
+    if args.retire:
+        dropped = result.keys_before - result.keys_after
+        what = (f"removed {dropped} older key{'s' if dropped != 1 else ''} from {key_file}" if dropped
+                else f"{key_file} held no older key")
+        out.write(f"re-encrypted secrets of {counts} with the current key; {what}\n")
+    else:
+        out.write(f"rotated secrets of {counts} with a new key; the previous key stays in {key_file} "
+                  f"for running gateways until \"gateway secrets rotate --retire\"\n")
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Store, TextIO, _Secrets], None]] = {
-    "token": _token, "account": _account, "app": _app, "store": _store,
+    "token": _token, "account": _account, "app": _app, "store": _store, "secrets": _secrets,
 }
 
 
-def _open(config_path: str | None) -> Store:
-    """The sync store the configuration names; CliError with one line when it cannot be opened."""
+def _open(config_path: str | None) -> tuple[Store, str]:
+    """The sync store the configuration names and its secret key file; CliError with one line when
+    it cannot be opened."""
     from gateway.config import ConfigError, find_config, load_config
     from gateway.store import open_store
 
     try:
-        return open_store(load_config(find_config(config_path)), create=False)
+        config = load_config(find_config(config_path))
+        store = open_store(config, create=False)
     except (ConfigError, ValueError, OSError, sqlite3.Error) as exc:
         raise CliError(_one_line(exc)) from None
+    return store, getattr(config, "secret_key_file", None) or "var/secret.key"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
-        store = _open(args.config)
+        store, args.secret_key_file = _open(args.config)
     except CliError as exc:
         sys.stderr.write(f"gateway: {_one_line(exc)}\n")
         return 1

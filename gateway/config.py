@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -63,6 +64,12 @@ class SMTPConfig:
 @dataclass(frozen=True)
 class APIConfig:
     listen: str = "tcp:3000:interface=127.0.0.1"
+    public_url: str = "http://127.0.0.1:3000"  # how browsers reach this listener (OAuth2 links, callback)
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    state_ttl: float = 900.0  # seconds a hosted authorization link (and its state) stays valid
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    oauth2: OAuth2Config = field(default_factory=OAuth2Config)
 
 
 def _check_type(path: str, value: Any, default: Any, hint: str, zero_ok: bool = False) -> Any:
@@ -196,6 +204,9 @@ def _validate(config: Config) -> None:
             f"config key network.address_strategy: expected one of {', '.join(ADDRESS_STRATEGIES)}"
         )
     _validate_network(net)
+    public = urllib.parse.urlsplit(config.api.public_url)
+    if public.scheme not in ("http", "https") or not public.hostname or public.query or public.fragment:
+        raise ConfigError("config key api.public_url: expected an http(s) URL like https://gateway.example.com")
     if config.log.format not in LOG_FORMATS:
         raise ConfigError(f"config key log.format: expected one of {', '.join(LOG_FORMATS)}")
     if config.upstream.ca_file is not None and not Path(config.upstream.ca_file).is_file():

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 
 from gateway import __version__
+from gateway.auth.hosted import HostedAuth
 from gateway.auth.oauth2 import TokenSource
 from gateway.config import Config
 from gateway.connections import Connections
@@ -271,7 +272,9 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     for description in config.smtp.implicit_tls_listen:
         listen("smtp.implicit_tls_listen", description, SMTPGatewayFactory(smtp, tls=True), True)
     # A Site is a Factory, which provides IProtocolFactory through @implementer: invisible to mypy.
+    hosted = HostedAuth(core.store, core.tokens.provider, config.api.public_url, config.oauth2.state_ttl,
+                        account_changed=core.account_changed)
     site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy,
-                                            account_changed=core.account_changed))
+                                            account_changed=core.account_changed, hosted=hosted))
     Listener(strports.service(config.api.listen, site), "api.listen", config.api.listen).setServiceParent(top)
     return top

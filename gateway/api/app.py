@@ -126,10 +126,10 @@ class ApiResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None,
-                 account_changed: Any = None) -> None:
+                 account_changed: Any = None, hosted: Any = None) -> None:
         super().__init__()
         self.store = store
-        handlers = Handlers(store, connections, network, account_changed)
+        handlers = Handlers(store, connections, network, account_changed, hosted)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
 
     def render(self, request: server.Request) -> Any:
@@ -239,12 +239,18 @@ def _access_log_line(timestamp: str, request: server.Request) -> str:
 
 
 def make_site(store: AsyncStore, connections: Any = None, network: Any = None,
-              account_changed: Any = None) -> server.Site:
-    """The admin API as a Twisted Site; `connections` has `.snapshot() -> list[dict]` or is None;
-    `network` is the `gateway.net.policy.NetworkPolicy` behind /v1/settings/network, or None;
+              account_changed: Any = None, hosted: Any = None) -> server.Site:
+    """The admin listener as a Twisted Site: the JSON API, and the browser pages of hosted OAuth2
+    authorization under /oauth/ when ``hosted`` (a `gateway.auth.hosted.HostedAuth`) is given.
+
+    `connections` has `.snapshot() -> list[dict]` or is None; `network` is the
+    `gateway.net.policy.NetworkPolicy` behind /v1/settings/network, or None;
     `account_changed(account_id)` is told of every account changed or deleted (pooled upstreams)."""
-    site = server.Site(ApiResource(store, connections, network, account_changed), requestFactory=LimitedRequest,
-                       timeout=REQUEST_TIMEOUT, logFormatter=_access_log_line)
+    from gateway.api.oauth_web import OAuthWeb, Root
+
+    api = ApiResource(store, connections, network, account_changed, hosted)
+    root = Root(api, OAuthWeb(hosted) if hosted is not None else None)
+    site = server.Site(root, requestFactory=LimitedRequest, timeout=REQUEST_TIMEOUT, logFormatter=_access_log_line)
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -1,4 +1,4 @@
-"""Admin API handlers: OAuth2 apps, accounts, access tokens, connections, metrics, health.
+"""Admin API handlers: OAuth2 apps, accounts, access tokens, connections, metrics, health, OpenAPI.
 
 Each handler is `async (Call) -> Reply` and knows nothing about Twisted's
 request object; `gateway.api.app` routes, authenticates and renders.
@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 
 import prometheus_client
 
+from gateway import metrics
 from gateway.store.base import AsyncStore, NotFound, ValidationError
 
 
@@ -130,11 +131,12 @@ class Handlers:
     """The admin API's operations on one store (and optionally a live-connection registry)."""
 
     def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None,
-                 account_changed: Any = None) -> None:
+                 account_changed: Any = None, hosted: Any = None) -> None:
         self.store = store
         self.connections = connections
         self.network = network
         self.account_changed = account_changed or (lambda account_id: None)
+        self.hosted = hosted  # gateway.auth.hosted.HostedAuth, or None (no hosted authorization)
 
     # OAuth2 apps -----------------------------------------------------------
 
@@ -164,6 +166,16 @@ class Handlers:
         if not await self.store.delete_app(call.params["id"]):
             raise NotFound(f"OAuth2 app {call.params['id']} not found")
         return Reply({"id": call.params["id"], "deleted": True})
+
+    # Hosted OAuth2 authorization ---------------------------------------------
+
+    async def authentication_form(self, call: Call) -> Reply:
+        """POST /v1/authentication/form {account, name?, email?, oauth2App, redirectUrl?} -> {url}:
+        a one-time link that sends the user to the provider's consent page"""
+        call.require_admin()
+        if self.hosted is None:
+            raise ApiError(404, "NotFound", "hosted authorization is not available here")
+        return Reply({"url": await self.hosted.start(call.json())})
 
     # Accounts --------------------------------------------------------------
 
@@ -204,9 +216,12 @@ class Handlers:
         """DELETE /v1/account/{id} -> {account, deleted: true} (its tokens go too)"""
         account_id = call.params["id"]
         call.require_account(account_id)
+        account = await self.store.get_account(account_id, with_secrets=True) if self.hosted else None
         if not await self.store.delete_account(account_id):
             raise NotFound(f"account {account_id} not found")
         self.account_changed(account_id)
+        if account is not None:
+            await self.hosted.revoke(account)  # best effort: the grant at the provider goes too
         return Reply({"account": account_id, "deleted": True})
 
     async def list_accounts(self, call: Call) -> Reply:
@@ -323,17 +338,23 @@ class Handlers:
     async def metrics(self, call: Call) -> Reply:
         """GET /metrics -> Prometheus text.
 
-        Requires an admin api token like every other operational path: the
-        counters name accounts. Point Prometheus at it with `authorization:
-        {credentials: <token>}` in the scrape config.
+        Requires an admin api token like every other operational path. Point
+        Prometheus at it with `authorization: {credentials: <token>}` in the
+        scrape config. The gateway's own registry (gateway.metrics).
         """
         call.require_admin()
-        return Reply(prometheus_client.generate_latest(),
+        return Reply(prometheus_client.generate_latest(metrics.REGISTRY),
                      content_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     async def health(self, call: Call) -> Reply:
         """GET /health -> {status: ok}, no authentication"""
         return Reply({"status": "ok"})
+
+    async def openapi(self, call: Call) -> Reply:
+        """GET /openapi.json -> the OpenAPI 3.1 document of this API, no authentication"""
+        from gateway.api.openapi import document_bytes  # it reads MAX_BODY from gateway.api.app
+
+        return Reply(document_bytes())
 
     def routes(self) -> list[tuple[str, str, Handler, bool]]:
         """(method, path pattern, handler, needs auth) for the router."""
@@ -357,4 +378,6 @@ class Handlers:
             ("DELETE", "/v1/connections/{id}", self.end_connection, True),
             ("GET", "/metrics", self.metrics, True),
             ("GET", "/health", self.health, False),
+            ("POST", "/v1/authentication/form", self.authentication_form, True),
+            ("GET", "/openapi.json", self.openapi, False),
         ]

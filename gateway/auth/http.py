@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
@@ -22,7 +23,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.iweb import IAgentEndpointFactory
 
-__all__ = ["HTTPError", "Response", "post_form"]
+__all__ = ["HTTPError", "Response", "host_port", "post_form", "request"]
 
 MAX_BODY = 1024 * 1024
 
@@ -65,9 +66,9 @@ class _Endpoints:
                                   self._account)
 
 
-async def _exchange(agent: Agent, url: str, headers: Headers, body: bytes) -> Response:
-    producer: Any = FileBodyProducer(BytesIO(body))  # an IBodyProducer (zope interfaces are invisible to mypy)
-    response: Any = await agent.request(b"POST", url.encode("ascii"), headers, producer)
+async def _exchange(agent: Agent, method: bytes, url: str, headers: Headers, body: bytes | None) -> Response:
+    producer: Any = FileBodyProducer(BytesIO(body)) if body is not None else None  # an IBodyProducer
+    response: Any = await agent.request(method, url.encode("ascii"), headers, producer)
     if isinstance(response.length, int) and response.length > MAX_BODY:
         response.deliverBody(_Discard())
         raise HTTPError(f"HTTP {response.code}: answer larger than {MAX_BODY} bytes")
@@ -86,23 +87,43 @@ class _Discard:
         pass
 
 
-def _timed_out(result: Any, timeout: float) -> Any:
-    raise HTTPError(f"no complete answer within {timeout:.0f} s")
+def host_port(url: str) -> str:
+    """``host:port`` of a URL, as error texts name it."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
-async def post_form(reactor: Any, connector: Any, url: str, body: str, *, timeout: float,
-                    account: dict[str, Any] | None = None,
-                    headers: dict[str, str] | None = None) -> Response:
-    """POST an application/x-www-form-urlencoded ``body`` to ``url``; the whole exchange within ``timeout``."""
+async def request(reactor: Any, connector: Any, method: str, url: str, *, timeout: float,
+                  body: str | None = None, account: dict[str, Any] | None = None,
+                  headers: dict[str, str] | None = None) -> Response:
+    """One HTTP request through the gateway's connector; the whole exchange within ``timeout``.
+
+    Failures are :class:`HTTPError` naming the host and the cause:
+    ``cannot connect to oauth2.googleapis.com:443: DNS lookup failed``,
+    ``no complete answer from oauth2.googleapis.com:443 within 15 s``.
+    """
     pool = HTTPConnectionPool(reactor, persistent=False)
     agent = Agent.usingEndpointFactory(reactor, _Endpoints(connector, account), pool=pool)
-    sent = Headers({b"Content-Type": [b"application/x-www-form-urlencoded"],
-                    b"Accept": [b"application/json"], b"User-Agent": [b"imap-smtp-gateway"]})
+    sent = Headers({b"Accept": [b"application/json"], b"User-Agent": [b"imap-smtp-gateway"]})
+    if body is not None:
+        sent.setRawHeaders(b"Content-Type", [b"application/x-www-form-urlencoded"])
     for name, value in (headers or {}).items():
         sent.setRawHeaders(name.encode("ascii"), [value.encode("latin-1")])
+    where = host_port(url)
+
+    def timed_out(result: Any, seconds: float) -> Any:
+        raise HTTPError(f"no complete answer from {where} within {seconds:.0f} s")
+
     exchange: defer.Deferred[Response] = defer.Deferred.fromCoroutine(
-        _exchange(agent, url, sent, body.encode("utf-8")))
-    exchange.addTimeout(timeout, reactor, onTimeoutCancel=_timed_out)
+        _exchange(agent, method.encode("ascii"), url, sent, body.encode("utf-8") if body is not None else None))
+    exchange.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
     try:
         return await exchange
     except HTTPError:
@@ -110,14 +131,38 @@ async def post_form(reactor: Any, connector: Any, url: str, body: str, *, timeou
     except defer.CancelledError:
         raise
     except Exception as e:  # connection refused, TLS failure, proxy refusal, malformed answer
-        raise HTTPError(_reason(e)) from None
+        raise HTTPError(f"cannot connect to {where}: {_reason(e)}") from None
+
+
+async def post_form(reactor: Any, connector: Any, url: str, body: str, *, timeout: float,
+                    account: dict[str, Any] | None = None,
+                    headers: dict[str, str] | None = None) -> Response:
+    """POST an application/x-www-form-urlencoded ``body`` to ``url``; the whole exchange within ``timeout``."""
+    return await request(reactor, connector, "POST", url, timeout=timeout, body=body, account=account,
+                         headers=headers)
 
 
 def _reason(e: BaseException) -> str:
-    """One line for a failed request; Twisted wraps the causes of a lost request in ``reasons``."""
+    """One short cause for a failed request; Twisted wraps the causes of a lost request in ``reasons``."""
+    from OpenSSL import SSL
+    from twisted.internet import error
+
     reasons = getattr(e, "reasons", None)
     if reasons:
         first = reasons[0]
         e = getattr(first, "value", first)
+    if isinstance(e, error.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (error.TCPTimedOutError, error.TimeoutError)):
+        return "connection timed out"
+    if isinstance(e, error.NoRouteError):
+        return "no route to host"
+    if isinstance(e, SSL.Error):
+        details = e.args[0] if e.args else None
+        if isinstance(details, list) and details and isinstance(details[-1], tuple):
+            return f"TLS: {details[-1][-1]}"
+        return "TLS handshake failed"
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]

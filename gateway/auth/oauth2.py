@@ -6,18 +6,14 @@ in a worker thread: a slow provider holds no thread another account needs.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
-from authlib.oauth2.auth import ClientAuth
-from authlib.oauth2.rfc6749 import OAuth2Token
-from authlib.oauth2.rfc6749.parameters import prepare_token_request
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.auth.http import HTTPError, post_form
+from gateway.auth.provider import GRANT_GONE, ProviderClient, ProviderError
 from gateway.metrics import OAUTH2_REFRESH_SECONDS, OAUTH2_REFRESHES
 
 log = Logger()
@@ -27,38 +23,14 @@ class RefreshError(Exception):
     """The provider would not give an access token; the message is safe to show to the client."""
 
 
-async def refresh_grant(reactor: Any, connector: Any, app: dict[str, Any], account: dict[str, Any],
-                        refresh_token: str, timeout: float) -> dict[str, Any]:
-    """One refresh_token grant: the request prepared and the answer read with authlib, sent on
-    Twisted's HTTP client through the account's route, the whole exchange within ``timeout``."""
-    scope = " ".join(app.get("scopes") or []) or None
-    body = prepare_token_request("refresh_token", refresh_token=refresh_token, scope=scope)
-    url, headers, body = ClientAuth(app["clientId"], app.get("clientSecret"), "client_secret_post").prepare(
-        "POST", app["tokenUrl"], {}, body)
-    try:
-        response = await post_form(reactor, connector, url, body, timeout=timeout, account=account,
-                                   headers=headers)
-    except HTTPError as e:
-        raise RefreshError(f"OAuth2 token refresh failed: {e}") from None
-    try:
-        data = json.loads(response.body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise RefreshError(f"OAuth2 token refresh failed: HTTP {response.status}: {_snippet(response.body)}")
-    if data.get("error") or response.status >= 400:
-        error = str(data.get("error") or f"HTTP {response.status}")
-        description = data.get("error_description")
-        raise RefreshError(f"OAuth2 token refresh failed: {error}: {description}" if description
-                           else f"OAuth2 token refresh failed: {error}")
-    return dict(OAuth2Token.from_dict(data))
+REAUTHORIZE = "OAuth2 authorization for this account was revoked or expired; re-authorize it"
 
 
-def _snippet(body: bytes) -> str:
-    """The start of a non-JSON answer (an HTML error page), printable, for the reason text."""
-    text = body[:300].decode("utf-8", "replace")
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text[:120] or "empty answer"
+def needs_reauthorization(account: dict[str, Any]) -> bool:
+    """The account's grant was refused as revoked or expired (its state says so): asking the
+    provider again is pointless until someone re-authorizes it."""
+    error = account.get("lastError") or {}
+    return account.get("state") == "authenticationError" and error.get("error") in GRANT_GONE
 
 
 class TokenSource:
@@ -74,9 +46,15 @@ class TokenSource:
         self._clock = clock
         self._inflight: dict[str, list[defer.Deferred[str]]] = {}
         self.refreshes = 0
+        self.provider = ProviderClient(reactor, connector, timeout)
 
     async def access_token(self, account: dict[str, Any], force: bool = False) -> str:
-        """A usable access token for ``account`` (a record with secrets)."""
+        """A usable access token for ``account`` (a record with secrets).
+
+        An account whose grant was refused as revoked or expired gets :data:`REAUTHORIZE` at
+        once, without asking the provider, until it is re-authorized."""
+        if needs_reauthorization(account):
+            raise RefreshError(REAUTHORIZE)
         oauth = account.get("oauth2") or {}
         token = oauth.get("accessToken")
         expires = oauth.get("expires") or 0
@@ -109,31 +87,41 @@ class TokenSource:
         if account is None:
             raise RefreshError("account no longer exists")
         oauth = account.get("oauth2") or {}
-        refresh_token = oauth.get("refreshToken")
-        if not refresh_token:
-            raise RefreshError("account has no OAuth2 refresh token")
         app = await self._store.get_app(oauth.get("provider"), with_secret=True)
         if app is None or not app.get("tokenUrl"):
             raise RefreshError("account's OAuth2 app is missing or has no token URL")
+        grant = app.get("grant") or "authorizationCode"
+        refresh_token = oauth.get("refreshToken")
+        if grant == "authorizationCode" and not refresh_token:
+            raise RefreshError("account has no OAuth2 refresh token: authorize it (POST /v1/authentication/form)")
         started = self._clock()
         try:
-            token = await refresh_grant(self._reactor, self._connector, app, account, refresh_token,
-                                        self._timeout)
-        except RefreshError as e:
+            if grant == "serviceAccount":
+                subject = (oauth.get("auth") or {}).get("user") or account.get("email") or ""
+                token = await self.provider.jwt_bearer(app, account, subject)
+            elif grant == "clientCredentials":
+                token = await self.provider.client_credentials(app, account)
+            else:
+                token = await self.provider.refresh(app, account, str(refresh_token))
+        except ProviderError as e:
             OAUTH2_REFRESHES.labels("fail").inc()
             OAUTH2_REFRESH_SECONDS.observe(self._clock() - started)
             log.warn("OAuth2 refresh failed for account {account}: {reason}", account=account_id, reason=str(e),
                      event="oauth2.refresh", result="fail")
-            raise
+            if e.error is not None:  # the provider refused: authorization trouble
+                await self._store.set_account_state(account_id, "authenticationError", e.error,
+                                                    e.description or str(e))
+            else:  # the provider could not be reached or answered nonsense
+                await self._store.set_account_state(account_id, "connectError", "oauth2", str(e))
+            raise RefreshError(f"OAuth2 token refresh failed: {e}") from None
         OAUTH2_REFRESH_SECONDS.observe(self._clock() - started)
-        access = token.get("access_token")
-        if not access:
-            OAUTH2_REFRESHES.labels("fail").inc()
-            raise RefreshError("OAuth2 token refresh failed: no access_token in the response")
         OAUTH2_REFRESHES.labels("ok").inc()
+        access = str(token["access_token"])
         expires = float(token.get("expires_at") or started + float(token.get("expires_in") or 3600))
-        await self._store.set_oauth_tokens(account_id, access, expires, token.get("refresh_token"))
+        rotated = token.get("refresh_token") if grant == "authorizationCode" else None
+        await self._store.set_oauth_tokens(account_id, access, expires, rotated)
         self.refreshes += 1
-        log.info("OAuth2 access token refreshed for account {account}, valid {seconds:.0f} s",
-                 account=account_id, seconds=expires - self._clock(), event="oauth2.refresh", result="ok")
-        return str(access)
+        log.info("OAuth2 access token refreshed for account {account}, valid {seconds:.0f} s{rotated}",
+                 account=account_id, seconds=expires - self._clock(), event="oauth2.refresh", result="ok",
+                 rotated=", refresh token rotated" if rotated and rotated != refresh_token else "")
+        return access

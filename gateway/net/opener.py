@@ -20,8 +20,8 @@ from gateway.auth.oauth2 import RefreshError
 from gateway.metrics import UPSTREAM_CONNECT_SECONDS, UPSTREAM_LOGIN_SECONDS
 from gateway.metrics import UPSTREAM_TLS_HANDSHAKES as TLS_HANDSHAKES
 from gateway.net.connector import ProxyError, Route
-from gateway.net.upstream import (Credentials, OAuth2Unavailable, ResponseReader, UpstreamAuthError,
-                                  UpstreamError)
+from gateway.net.upstream import (Credentials, OAuth2Unavailable, ProviderThrottled, ResponseReader,
+                                  UpstreamAuthError, UpstreamError)
 
 log = Logger()
 
@@ -99,7 +99,36 @@ async def credentials_for(core: Any, account: dict[str, Any], leg: Leg, force: b
 
 async def open_upstream(core: Any, account: dict[str, Any], leg: Leg,
                         client: ClientAddress | None = None) -> Opened:
-    """Connect, verify TLS, log in upstream; one forced token refresh if the provider refuses ours."""
+    """Connect, verify TLS, log in upstream; one forced token refresh if the provider refuses ours.
+
+    The account's state follows: ``connected`` after a login, ``connectError`` (with the
+    reason as ``lastError``) when the server could not be reached or refused the login. OAuth2
+    trouble is recorded where it happens (the token source)."""
+    try:
+        opened = await _open(core, account, leg, client)
+    except OAuth2Unavailable:
+        raise
+    except UpstreamError as e:
+        if not isinstance(e, ProviderThrottled):
+            await _note_state(core, account, "connectError", e.code, str(e))
+        raise
+    await _note_state(core, account, "connected")
+    return opened
+
+
+async def _note_state(core: Any, account: dict[str, Any], state: str, error: str | None = None,
+                      description: str | None = None) -> None:
+    """Record the account's state when it changed (a login that changes nothing writes nothing)."""
+    last = account.get("lastError") or {}
+    if account.get("state") == state and last.get("error") == error and last.get("description") == description:
+        return
+    try:
+        await core.store.set_account_state(account["account"], state, error, description)
+    except Exception as e:  # the store's trouble must not fail a login that worked
+        log.warn("Cannot record the state of account {account}: {why}", account=account["account"], why=str(e))
+
+
+async def _open(core: Any, account: dict[str, Any], leg: Leg, client: ClientAddress | None) -> Opened:
     target = await target_for(core, account, leg)
     forced = False
     while True:

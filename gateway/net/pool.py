@@ -67,7 +67,7 @@ class Keeper(Protocol):
 
 Opener = Callable[[dict[str, Any], ClientAddress | None], Awaitable[Opened]]
 
-_VOLATILE = ("accessToken", "expires")
+_VOLATILE = ("accessToken", "expires", "refreshToken")  # a rotated or re-authorized grant keeps connections
 
 
 def fingerprint(account: dict[str, Any]) -> str:

@@ -103,6 +103,11 @@ class Store(Protocol):
     def revoke_token(self, token_or_id: str) -> bool: ...
     def get_settings(self, name: str) -> dict[str, Any] | None: ...
     def put_settings(self, name: str, data: dict[str, Any]) -> None: ...
+    def set_account_state(self, account_id: str, state: str, error: str | None = None,
+                          description: str | None = None) -> None: ...
+    def create_auth_request(self, data: dict[str, Any], verifier: str, ttl: float) -> str: ...
+    def take_auth_request(self, request_id: str, step: str, ttl: float) -> dict[str, Any]: ...
+    def state_key(self) -> bytes: ...
     def close(self) -> None: ...
 
 
@@ -209,6 +214,20 @@ class AsyncStore:
     # Settings
     def get_settings(self, name: str) -> defer.Deferred[dict[str, Any] | None]:
         return self._call(self.sync.get_settings, name)
+
+    # Account state and pending authorizations
+    def set_account_state(self, account_id: str, state: str, error: str | None = None,
+                          description: str | None = None) -> defer.Deferred[None]:
+        return self._call(self.sync.set_account_state, account_id, state, error, description)
+
+    def create_auth_request(self, data: dict[str, Any], verifier: str, ttl: float) -> defer.Deferred[str]:
+        return self._call(self.sync.create_auth_request, data, verifier, ttl)
+
+    def take_auth_request(self, request_id: str, step: str, ttl: float) -> defer.Deferred[dict[str, Any]]:
+        return self._call(self.sync.take_auth_request, request_id, step, ttl)
+
+    def state_key(self) -> defer.Deferred[bytes]:
+        return self._call(self.sync.state_key)
 
     def put_settings(self, name: str, data: dict[str, Any]) -> defer.Deferred[None]:
         return self._call(self.sync.put_settings, name, data)

@@ -7,6 +7,7 @@ database file at once.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from gateway.auth.secrets import SecretBox
+from gateway.auth.secrets import SecretBox, SecretDecryptError
 from gateway.auth.tokens import (
     SCOPES,
     TokenCheck,
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS apps (
     id TEXT PRIMARY KEY,
     data TEXT NOT NULL,
     secret TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    service_key TEXT
 );
 CREATE TABLE IF NOT EXISTS accounts (
     account TEXT PRIMARY KEY,
@@ -73,7 +75,34 @@ CREATE TABLE IF NOT EXISTS settings (
     data TEXT NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS account_state (
+    account TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    error TEXT,
+    description TEXT,
+    time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_requests (
+    id TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    verifier TEXT NOT NULL,
+    created REAL NOT NULL,
+    opened INTEGER NOT NULL DEFAULT 0,
+    used INTEGER NOT NULL DEFAULT 0
+);
 """
+
+# Account states (GET /v1/account/{id} `state`): before anything happened, "connecting".
+ACCOUNT_STATES = ("connected", "connecting", "authenticationError", "connectError")
+
+
+def _state_view(row: sqlite3.Row | None) -> dict[str, Any]:
+    if row is None:
+        return {"state": "connecting", "lastError": None}
+    error = None
+    if row["error"] is not None:
+        error = {"error": row["error"], "description": row["description"], "time": iso_utc(row["time"])}
+    return {"state": row["state"], "lastError": error}
 
 
 class SQLiteStore:
@@ -94,10 +123,17 @@ class SQLiteStore:
         if path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the schema (of a new store, an older one or a restored backup) to this version."""
         with self._tx() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(apps)")}
+            if "service_key" not in columns:  # stores made before service accounts
+                db.execute("ALTER TABLE apps ADD COLUMN service_key TEXT")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -162,6 +198,7 @@ class SQLiteStore:
                 backup.backup(self._db)
         finally:
             backup.close()
+        self._migrate()
         return {table: self._query(f"SELECT count(*) FROM {table}")[0][0]
                 for table in ("apps", "accounts", "tokens")}
 
@@ -171,11 +208,13 @@ class SQLiteStore:
         """Register an OAuth2 app; returns its public view with the new `id`."""
         app = normalize_app(data)
         secret = app.pop(APP_SECRET_FIELD, None)
+        service_key = app.pop("serviceKey", None)
         app_id = secrets.token_hex(6)
         created = self._clock()
         with self._tx() as db:
-            db.execute("INSERT INTO apps (id, data, secret, created) VALUES (?, ?, ?, ?)",
-                       (app_id, json.dumps(app), self._box.encrypt(secret), created))
+            db.execute("INSERT INTO apps (id, data, secret, created, service_key) VALUES (?, ?, ?, ?, ?)",
+                       (app_id, json.dumps(app), self._box.encrypt(secret), created,
+                        self._box.encrypt(service_key)))
         return self._app_view(app_id, app, created)
 
     def _app_view(self, app_id: str, app: dict[str, Any], created: float) -> dict[str, Any]:
@@ -190,6 +229,8 @@ class SQLiteStore:
         view = self._app_view(row["id"], json.loads(row["data"]), row["created"])
         if with_secret:
             view[APP_SECRET_FIELD] = self._box.decrypt(row["secret"])
+            if row["service_key"] is not None:
+                view["serviceKey"] = self._box.decrypt(row["service_key"])
         return view
 
     def list_apps(self) -> list[dict[str, Any]]:
@@ -207,8 +248,10 @@ class SQLiteStore:
             return db.execute("DELETE FROM apps WHERE id = ?", (app_id,)).rowcount > 0
 
     def _app_exists(self, app_id: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT id FROM apps WHERE id = ?", (app_id,))
-        return {"id": app_id} if rows else None
+        rows = self._query("SELECT id, data FROM apps WHERE id = ?", (app_id,))
+        if not rows:
+            return None
+        return {"id": app_id, "grant": json.loads(rows[0]["data"]).get("grant") or "authorizationCode"}
 
     # Accounts --------------------------------------------------------------
 
@@ -245,7 +288,11 @@ class SQLiteStore:
             now = self._clock()
             db.execute("UPDATE accounts SET data = ?, updated = ? WHERE account = ?",
                        (self._encrypt_account(account), now, account_id))
-        return account_public(account, row["created"], now)
+            if isinstance(patch.get("oauth2"), dict) and patch["oauth2"].get("refreshToken"):
+                # A new grant (re-authorized): whatever the old one's trouble was, it is gone.
+                db.execute("INSERT OR REPLACE INTO account_state (account, state, error, description, time) "
+                           "VALUES (?, 'connecting', NULL, NULL, ?)", (account_id, now))
+        return {**account_public(account, row["created"], now), **self._state_of(account_id)}
 
     def get_account(self, account_id: str, with_secrets: bool = False) -> dict[str, Any] | None:
         """The public view; with_secrets adds decrypted secrets, `expires` as a float and
@@ -255,25 +302,95 @@ class SQLiteStore:
             return None
         row = rows[0]
         stored = json.loads(row["data"])
+        state = self._state_of(account_id)
         if not with_secrets:
-            return account_public(stored, row["created"], row["updated"])
+            return {**account_public(stored, row["created"], row["updated"]), **state}
         account = map_secrets(stored, self._box.decrypt)
         app = None
         if "oauth2" in account:
             app = self.get_app(account["oauth2"]["provider"])
-        return with_app_defaults(account, app)
+        return {**with_app_defaults(account, app), **state}
 
     def list_accounts(self) -> list[dict[str, Any]]:
         """Every account's public view, ordered by ID."""
         rows = self._query("SELECT * FROM accounts ORDER BY account")
-        return [account_public(json.loads(r["data"]), r["created"], r["updated"]) for r in rows]
+        states = {r["account"]: r for r in self._query("SELECT * FROM account_state")}
+        return [{**account_public(json.loads(r["data"]), r["created"], r["updated"]),
+                 **_state_view(states.get(r["account"]))} for r in rows]
 
     def delete_account(self, account_id: str) -> bool:
         """Delete an account and all its tokens; False when absent."""
         with self._tx() as db:
             found = db.execute("DELETE FROM accounts WHERE account = ?", (account_id,)).rowcount > 0
             db.execute("DELETE FROM tokens WHERE account = ?", (account_id,))
+            db.execute("DELETE FROM account_state WHERE account = ?", (account_id,))
         return found
+
+    # Account state ---------------------------------------------------------
+
+    def _state_of(self, account_id: str) -> dict[str, Any]:
+        rows = self._query("SELECT * FROM account_state WHERE account = ?", (account_id,))
+        return _state_view(rows[0] if rows else None)
+
+    def set_account_state(self, account_id: str, state: str, error: str | None = None,
+                          description: str | None = None) -> None:
+        """Record what the last login or refresh found: `state`, and `lastError` from ``error`` and
+        ``description`` (none: cleared)."""
+        if state not in ACCOUNT_STATES:
+            raise ValidationError(f"unknown account state {state!r}")
+        now = self._clock()
+        with self._tx() as db:  # only for an account that exists (a login may outlive a deletion)
+            db.execute("INSERT OR REPLACE INTO account_state (account, state, error, description, time) "
+                       "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM accounts WHERE account = ?)",
+                       (account_id, state, error, description, now, account_id))
+
+    # Hosted OAuth2 authorization (pending requests) ------------------------
+
+    def state_key(self) -> bytes:
+        """The key OAuth2 `state` values are signed with: made on first use, kept (encrypted) in the
+        store so that every gateway on the store checks the others' states. A key that no longer
+        decrypts (the secret key was replaced) is made anew: pending authorizations are lost."""
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM settings WHERE name = 'oauth2.state_key'").fetchone()
+            if row is not None:
+                try:
+                    return base64.urlsafe_b64decode(self._box.decrypt(json.loads(row["data"])["key"]))
+                except (SecretDecryptError, ValueError, KeyError, TypeError):
+                    pass
+            key = secrets.token_bytes(32)
+            db.execute("INSERT OR REPLACE INTO settings (name, data, updated) VALUES ('oauth2.state_key', ?, ?)",
+                       (json.dumps({"key": self._box.encrypt(base64.urlsafe_b64encode(key).decode())}),
+                        self._clock()))
+            return key
+
+    def create_auth_request(self, data: dict[str, Any], verifier: str, ttl: float) -> str:
+        """Remember a pending authorization (form fields and the PKCE verifier, encrypted); its id.
+        Requests older than ``ttl`` are forgotten on the way."""
+        request_id = secrets.token_urlsafe(24)
+        now = self._clock()
+        with self._tx() as db:
+            db.execute("DELETE FROM auth_requests WHERE created < ?", (now - ttl,))
+            db.execute("INSERT INTO auth_requests (id, data, verifier, created) VALUES (?, ?, ?, ?)",
+                       (request_id, json.dumps(data), self._box.encrypt(verifier), now))
+        return request_id
+
+    def take_auth_request(self, request_id: str, step: str, ttl: float) -> dict[str, Any]:
+        """Use a pending authorization once per ``step`` ("opened": the link, "used": the callback).
+
+        Returns its fields with `verifier`; NotFound when unknown or older than ``ttl``,
+        Conflict when that step was taken already (a reused link or state).
+        """
+        if step not in ("opened", "used"):
+            raise ValueError(step)
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM auth_requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None or row["created"] < self._clock() - ttl:
+                raise NotFound("this authorization link is unknown or has expired; ask for a new one")
+            if row[step]:
+                raise Conflict("this authorization link was used already; ask for a new one")
+            db.execute(f"UPDATE auth_requests SET {step} = 1 WHERE id = ?", (request_id,))
+        return {**json.loads(row["data"]), "verifier": self._box.decrypt(row["verifier"]),
+                "created": row["created"]}
 
     def set_oauth_tokens(self, account_id: str, access_token: str, expires: float,
                          refresh_token: str | None = None) -> None:

@@ -24,25 +24,43 @@ PROVIDERS: dict[str, dict[str, Any]] = {
     "gmail": {
         "authorizationUrl": "https://accounts.google.com/o/oauth2/v2/auth",
         "tokenUrl": "https://oauth2.googleapis.com/token",
+        "revocationUrl": "https://oauth2.googleapis.com/revoke",
+        "userinfoUrl": "https://openidconnect.googleapis.com/v1/userinfo",
+        "jwksUrl": "https://www.googleapis.com/oauth2/v3/certs",
+        "issuer": "https://accounts.google.com",
         "scopes": ["https://mail.google.com/"],
+        # Asked for at consent only (openid email: who consented); refresh asks for `scopes` alone.
+        "identityScopes": ["openid", "email"],
+        "authorizationParams": {"access_type": "offline", "prompt": "consent"},
         "imap": {"host": "imap.gmail.com", "port": 993, "secure": True},
         "smtp": {"host": "smtp.gmail.com", "port": 465, "secure": True},
     },
     "outlook": {
         "authorizationUrl": "https://login.microsoftonline.com/{authority}/oauth2/v2.0/authorize",
         "tokenUrl": "https://login.microsoftonline.com/{authority}/oauth2/v2.0/token",
+        "jwksUrl": "https://login.microsoftonline.com/{authority}/discovery/v2.0/keys",
         "scopes": [
             "https://outlook.office.com/IMAP.AccessAsUser.All",
             "https://outlook.office.com/SMTP.Send",
             "offline_access",
         ],
+        "identityScopes": ["openid", "email"],
         "imap": {"host": "outlook.office365.com", "port": 993, "secure": True},
         "smtp": {"host": "smtp.office365.com", "port": 587, "secure": False},
     },
     "generic": {},
 }
 
+# Organization grants: no per-account consent, creating the account is enough.
+GRANTS = ("authorizationCode", "serviceAccount", "clientCredentials")
+GRANT_DEFAULT_SCOPES = {
+    "serviceAccount": ["https://mail.google.com/"],               # Google, domain-wide delegation
+    "clientCredentials": ["https://outlook.office365.com/.default"],  # Microsoft 365 application access
+}
+_TENANT_WIDE = ("common", "organizations", "consumers")
+
 APP_SECRET_FIELD = "clientSecret"
+APP_SECRET_FIELDS = ("clientSecret", "serviceKey")  # encrypted at rest, never in a view
 ACCOUNT_SECRET_PATHS: tuple[tuple[str, ...], ...] = (
     ("imap", "auth", "pass"),
     ("smtp", "auth", "pass"),
@@ -51,7 +69,7 @@ ACCOUNT_SECRET_PATHS: tuple[tuple[str, ...], ...] = (
 )
 PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 # Fields a client may echo back from a GET view; ignored on input.
-_READ_ONLY = {"created", "updated", "state", "hasRefreshToken", "hasAccessToken", "id", "network"}
+_READ_ONLY = {"created", "updated", "state", "lastError", "hasRefreshToken", "hasAccessToken", "id", "network"}
 _ACCOUNT_ID = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
 _MAX_TEXT = 4096
 
@@ -82,11 +100,22 @@ def _text(value: Any, path: str, *, required: bool = False, max_len: int = _MAX_
     return value
 
 
+def _split_url(text: str, path: str, what: str) -> urllib.parse.SplitResult:
+    """urlsplit, with its ValueError (a bad [IPv6] host) as a ValidationError."""
+    try:
+        return urllib.parse.urlsplit(text)
+    except ValueError:
+        raise ValidationError(f"{path} must be {what}") from None
+
+
 def _url(value: Any, path: str, *, required: bool = False) -> str | None:
     text = _text(value, path, required=required)
     if text is None:
         return None
-    parts = urllib.parse.urlsplit(text)
+    # urlsplit drops tabs and newlines and strips leading spaces: refuse them instead of storing them.
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in text):
+        raise ValidationError(f"{path} must be an http(s) URL without spaces or control characters")
+    parts = _split_url(text, path, "an http(s) URL")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError(f"{path} must be an http(s) URL")
     return text
@@ -157,7 +186,7 @@ def _proxy(value: Any) -> str | None:
     text = _text(value, "proxy")
     if not text:
         return None
-    parts = urllib.parse.urlsplit(text)
+    parts = _split_url(text, "proxy", "a URL like socks5://host:1080")
     if parts.scheme not in PROXY_SCHEMES or not parts.hostname:
         raise ValidationError("proxy must be a URL like socks5://host:1080 (schemes: "
                               + ", ".join(PROXY_SCHEMES) + ")")
@@ -172,10 +201,16 @@ def _proxy(value: Any) -> str | None:
     return text
 
 
+# The latest moment `expires` may name (9999-12-31T23:59:59Z): every view formats it as ISO 8601.
+MAX_TIMESTAMP = 253402300799
+
+
 def _expires(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_TIMESTAMP:  # also refuses inf and NaN (1e400 parses as inf)
+            raise ValidationError(f"oauth2.expires must be a timestamp from 0 to {MAX_TIMESTAMP}")
         return float(value)
     if isinstance(value, str):
         try:
@@ -184,40 +219,88 @@ def _expires(value: Any) -> float | None:
             raise ValidationError("oauth2.expires must be a timestamp or an ISO 8601 date") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=datetime.timezone.utc)
-        return moment.timestamp()
+        try:
+            timestamp = moment.timestamp()
+        except (OverflowError, ValueError):
+            timestamp = -1.0
+        if not 0 <= timestamp <= MAX_TIMESTAMP:
+            raise ValidationError("oauth2.expires must be a date from 1970 to 9999")
+        return timestamp
     raise ValidationError("oauth2.expires must be a timestamp or an ISO 8601 date")
 
 
 def normalize_app(data: Any) -> dict[str, Any]:
-    """Validate an OAuth2 app and fill the provider's well-known URLs, scopes and hosts."""
+    """Validate an OAuth2 app and fill the provider's well-known URLs, scopes and hosts.
+
+    ``grant`` is how its accounts get access tokens: ``authorizationCode`` (each
+    user consents; the default), ``serviceAccount`` (Google service account with
+    domain-wide delegation: ``serviceClientEmail`` and ``serviceKey``, the JWT
+    bearer grant) or ``clientCredentials`` (Microsoft 365 application access:
+    ``clientId``, ``clientSecret`` and a tenant ID as ``authority``).
+    """
     obj = _obj(data, "body")
     _check_keys(obj, {"name", "provider", "clientId", "clientSecret", "authorizationUrl", "tokenUrl",
-                      "scopes", "imap", "smtp", "redirectUrl", "authority", "description"}, "")
+                      "scopes", "imap", "smtp", "redirectUrl", "authority", "description", "grant",
+                      "revocationUrl", "userinfoUrl", "jwksUrl", "issuer", "authorizationParams",
+                      "serviceClient", "serviceClientEmail", "serviceKey"}, "")
     provider = obj.get("provider")
-    if provider not in PROVIDERS:
+    if not isinstance(provider, str) or provider not in PROVIDERS:
         raise ValidationError("provider must be one of: " + ", ".join(PROVIDERS))
+    grant = obj.get("grant", "authorizationCode")
+    if grant not in GRANTS:
+        raise ValidationError("grant must be one of: " + ", ".join(GRANTS))
     preset = copy.deepcopy(PROVIDERS[provider])
     authority = _text(obj.get("authority"), "authority", max_len=256) or "common"
-    if not re.match(r"^[A-Za-z0-9.\-]+$", authority):
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+", authority):
         raise ValidationError("authority must be common, organizations, consumers or a tenant ID")
-    app: dict[str, Any] = {
-        "name": _text(obj.get("name"), "name", required=True, max_len=256),
-        "provider": provider,
-        "clientId": _text(obj.get("clientId"), "clientId", required=True),
-        "clientSecret": _text(obj.get("clientSecret"), "clientSecret", required=True),
-    }
-    for key in ("authorizationUrl", "tokenUrl"):
+    app: dict[str, Any] = {"name": _text(obj.get("name"), "name", required=True, max_len=256),
+                           "provider": provider}
+    if grant != "authorizationCode":
+        app["grant"] = grant
+    if grant == "serviceAccount":
+        app["serviceClientEmail"] = _text(obj.get("serviceClientEmail"), "serviceClientEmail", required=True,
+                                          max_len=320)
+        app["serviceKey"] = _private_key(obj.get("serviceKey"))
+        app["clientId"] = (_text(obj.get("clientId"), "clientId") or _text(obj.get("serviceClient"), "serviceClient")
+                           or app["serviceClientEmail"])
+        secret = _text(obj.get("clientSecret"), "clientSecret")
+        if secret:
+            app["clientSecret"] = secret
+    else:
+        app["clientId"] = _text(obj.get("clientId"), "clientId", required=True)
+        app["clientSecret"] = _text(obj.get("clientSecret"), "clientSecret", required=True)
+    if grant == "clientCredentials" and provider == "outlook" and authority in _TENANT_WIDE:
+        raise ValidationError("authority must be your tenant ID (not common, organizations or consumers) "
+                              "for Microsoft 365 application access")
+    for key in ("authorizationUrl", "tokenUrl", "revocationUrl", "userinfoUrl", "jwksUrl"):
         given = _url(obj.get(key), key)
         default = preset.get(key)
         app[key] = given or (default.format(authority=authority) if default else None)
+    app["issuer"] = _text(obj.get("issuer"), "issuer", max_len=1024) or preset.get("issuer")
     if app["tokenUrl"] is None:
         raise ValidationError("tokenUrl is required for a generic provider")
+    if grant != "authorizationCode":
+        app["authorizationUrl"] = None  # no consent page for an organization grant
     scopes = obj.get("scopes")
     if scopes is None:
-        scopes = preset.get("scopes", [])
+        scopes = GRANT_DEFAULT_SCOPES.get(grant) or preset.get("scopes", [])
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
         raise ValidationError("scopes must be a list of strings")
     app["scopes"] = list(scopes)
+    if grant == "authorizationCode" and preset.get("identityScopes") and obj.get("scopes") is None:
+        app["identityScopes"] = preset["identityScopes"]
+    params = obj.get("authorizationParams")
+    if params is None:
+        params = preset.get("authorizationParams") if grant == "authorizationCode" else None
+    if params is not None:
+        if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 1024
+                                                   for k, v in params.items()):
+            raise ValidationError("authorizationParams must be an object of strings")
+        reserved = {"response_type", "client_id", "redirect_uri", "scope", "state", "code_challenge",
+                    "code_challenge_method"} & set(params)
+        if reserved:
+            raise ValidationError(f"authorizationParams must not set {sorted(reserved)[0]} (the gateway does)")
+        app["authorizationParams"] = dict(params)
     for key, ports in (("imap", (993, 143)), ("smtp", (465, 587))):
         value = obj.get(key)
         server = _server(value, key, ports, with_auth=False) if value is not None else preset.get(key)
@@ -232,9 +315,26 @@ def normalize_app(data: Any) -> dict[str, Any]:
     return {key: val for key, val in app.items() if val is not None}
 
 
+def _private_key(value: Any) -> str:
+    """A service account's private key: PEM (as in Google's JSON key file), RSA."""
+    text = _text(value, "serviceKey", required=True, max_len=16384)
+    assert text is not None
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(text.encode("utf-8"), password=None)
+    except (ValueError, TypeError):
+        raise ValidationError("serviceKey must be the PEM private key of the service account "
+                              "(private_key in its JSON key file)") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValidationError("serviceKey must be an RSA private key")
+    return text
+
+
 def app_public(app: dict[str, Any]) -> dict[str, Any]:
-    """An app without its client secret."""
-    return {key: copy.deepcopy(val) for key, val in app.items() if key != APP_SECRET_FIELD}
+    """An app without its secrets (client secret, service account key)."""
+    return {key: copy.deepcopy(val) for key, val in app.items() if key not in APP_SECRET_FIELDS}
 
 
 def normalize_account(data: Any, app_lookup: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
@@ -275,8 +375,10 @@ def _oauth2(value: Any, email: str, app_lookup: Callable[[str], dict[str, Any] |
     _check_keys(obj, {"provider", "auth", "refreshToken", "accessToken", "expires"}, "oauth2.")
     provider = _text(obj.get("provider"), "oauth2.provider", required=True, max_len=256)
     assert provider is not None
-    if app_lookup(provider) is None:
+    app = app_lookup(provider)
+    if app is None:
         raise ValidationError(f"oauth2.provider {provider!r} is not a registered OAuth2 app")
+    organization_grant = (app.get("grant") or "authorizationCode") != "authorizationCode"
     user = email
     if obj.get("auth") is not None:
         auth = _obj(obj["auth"], "oauth2.auth")
@@ -285,13 +387,15 @@ def _oauth2(value: Any, email: str, app_lookup: Callable[[str], dict[str, Any] |
     result: dict[str, Any] = {"provider": provider, "auth": {"user": user}}
     refresh = _text(obj.get("refreshToken"), "oauth2.refreshToken", max_len=16384)
     access = _text(obj.get("accessToken"), "oauth2.accessToken", max_len=16384)
-    if not refresh and not access:
-        raise ValidationError("oauth2.refreshToken is required")
+    expires = _expires(obj.get("expires"))  # checked even when unused: a bad value is a mistake to report
+    if not refresh and not access and not organization_grant:
+        raise ValidationError("oauth2.refreshToken is required (or authorize the account: "
+                              "POST /v1/authentication/form)")
     if refresh:
         result["refreshToken"] = refresh
     if access:
         result["accessToken"] = access
-        result["expires"] = _expires(obj.get("expires"))
+        result["expires"] = expires
     return {key: val for key, val in result.items() if val is not None}
 
 
@@ -361,3 +465,8 @@ def map_secrets(account: dict[str, Any], fn: Callable[[str], str]) -> dict[str, 
         if isinstance(node, dict) and isinstance(node.get(path[-1]), str):
             node[path[-1]] = fn(node[path[-1]])
     return result
+
+
+def validate_url(value: Any, path: str) -> str | None:
+    """An optional http(s) URL (None when absent); ValidationError naming ``path`` otherwise."""
+    return _url(value, path)

@@ -57,7 +57,8 @@ class Gateway:
                 "listen": [f"tcp:{self.smtp_port}:interface=127.0.0.1"],
                 "implicit_tls_listen": [f"ssl:{self.smtps_port}:interface=127.0.0.1"],
             },
-            "api": {"listen": f"tcp:{self.api_port}:interface=127.0.0.1"},
+            "api": {"listen": f"tcp:{self.api_port}:interface=127.0.0.1",
+                    "public_url": f"http://127.0.0.1:{self.api_port}"},
             "upstream": {"ca_file": str(dovecot.ca_file), "connect_timeout": 5, "refresh_margin": 1},
             # The suite logs in wrongly on purpose, all from loopback: no login throttling or
             # connection caps unless a test configures them (test_limits.py).

@@ -225,3 +225,26 @@ def test_relative_paths_in_the_config_file_and_config_discovery(tmp_path: Path, 
     finally:
         store.close()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_app_add_from_a_service_account_key_file(config: Path, tmp_path: Path, capsys) -> None:
+    """`app add --service-account-json FILE`: a Google service account app, no client secret asked."""
+    import json as _json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    key_file = tmp_path / "sa.json"
+    key_file.write_text(_json.dumps({"client_email": "sa@p.iam.gserviceaccount.com", "client_id": "1234",
+                                     "private_key": pem}))
+    assert _run(config, "app", "add", "--name", "ws", "--provider", "gmail",
+                "--service-account-json", str(key_file)) == 0
+    app_id = capsys.readouterr().out.strip()
+    store = _store(config)
+    app = store.get_app(app_id, with_secret=True)
+    assert app["grant"] == "serviceAccount" and app["serviceKey"] == pem and app["clientId"] == "1234"
+    store.close()
+    assert _run(config, "app", "add", "--name", "x", "--provider", "gmail", "--client-id", "c") == 1
+    assert "--client-secret-stdin is required" in capsys.readouterr().err
