@@ -215,8 +215,11 @@ class ProviderClient:
         if status != 200:
             raise ProviderError(f"{host_port(app['jwksUrl'])} answered HTTP {status} for its keys")
         options: dict[str, Any] = {"aud": {"essential": True, "value": app["clientId"]}}
-        if app.get("issuer") and "{" not in app["issuer"]:
-            options["iss"] = {"essential": True, "value": app["issuer"]}
+        issuer = app.get("issuer")
+        if issuer and "{" not in issuer:
+            # Google's ID tokens say https://accounts.google.com or accounts.google.com: either form is it.
+            bare = issuer.split("://", 1)[-1]
+            options["iss"] = {"essential": True, "values": sorted({issuer, bare, "https://" + bare})}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -361,3 +361,15 @@ def test_deleting_the_account_revokes_its_grant_at_the_provider(hosted, new_emai
     assert gw.api("DELETE", f"/v1/account/{account}") == (200, {"account": account, "deleted": True})
     assert [r.kind for r in provider.revocations if r.token == refresh] == ["refresh"]
     assert not provider.is_refresh_valid(refresh)
+
+
+def test_an_id_token_from_another_issuer_is_not_believed(gateway, oauth2_provider, new_email, monkeypatch) -> None:
+    """The ID token is checked (signature, audience, issuer): an app expecting another issuer refuses to
+    take the mailbox address from it, and nothing is created."""
+    app = make_app(gateway, oauth2_provider, issuer="https://accounts.example.net")
+    email = new_email("wrongiss")
+    monkeypatch.setattr(oauth2_provider, "consent_email", email)
+    account = email.split("@")[0]
+    answer = authorize(gateway, account=account, oauth2App=app)
+    assert answer.status_code == 400 and "the ID token did not check out" in answer.text
+    assert _nothing_made(gateway, account)
