@@ -10,7 +10,9 @@ the next one starting when the previous has logged out. Variants:
   gateway cold    a gateway with upstream pooling off (imap.pool.idle_ttl: 0):
                   every login opens a new upstream connection;
   gateway pooled  a gateway with pooling on (its defaults): a login may reuse
-                  the upstream connection an earlier session of the account left.
+                  the upstream connection an earlier session of the account left;
+  pooled, json    (with --json-log) the same with log.format: json: what the
+                  JSON log lines (session start, login, session end) cost.
 
 Each variant has its own account, so per-user limits never interfere. The
 variants take turns, ``--round`` sessions each (rotating who goes first), so
@@ -124,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=200, help="sessions per variant")
     parser.add_argument("--round", type=int, default=20, help="sessions of one variant per turn")
+    parser.add_argument("--json-log", action="store_true", help="add a pooled gateway logging JSON lines")
     args = parser.parse_args()
 
     with ExitStack() as running:
@@ -147,6 +150,12 @@ def main() -> None:
             variants.append(Variant("gateway, pooling on",
                                     gateway_login(pooled, "pooled", "session-pooled@example.com"),
                                     pooled.proc.pid if pooled.proc else None))
+
+        if args.json_log:
+            logged = running.enter_context(gateway(up, "gateway-json", log={"format": "json"}))
+            variants.append(Variant("gateway, pooling on, log json",
+                                    gateway_login(logged, "jsonlog", "session-json@example.com"),
+                                    logged.proc.pid if logged.proc else None))
 
         run(variants, args.sessions, args.round)
         print(report(variants, args.sessions, args.round))
