@@ -16,6 +16,8 @@ command -v tinyproxy >/dev/null 2>&1 || need+=(tinyproxy)
 command -v stunnel4 >/dev/null 2>&1 || need+=(stunnel4)
 # HAProxy in front of the gateway's PROXY-protocol listeners.
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# Redis for the Redis store and the several-instances tests.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # systemd-analyze verifies contrib/gateway.service (tests/integration/test_contrib.py).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then

@@ -8,7 +8,7 @@ from gateway.auth.secrets import SecretBox
 from gateway.store.base import AsyncStore, Conflict, NotFound, Store, StoreError, ValidationError
 
 __all__ = ["AsyncStore", "Conflict", "NotFound", "Store", "StoreConfigError", "StoreError",
-           "ValidationError", "open_store"]
+           "ValidationError", "open_async_store", "open_store"]
 
 
 class StoreConfigError(ValueError):
@@ -24,7 +24,8 @@ def open_store(config: Any, create: bool = True) -> Store:
     if not isinstance(url, str) or not url:
         raise StoreConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB")
     if url.startswith("redis://") or url.startswith("rediss://"):
-        raise StoreConfigError("config key store: redis store not implemented yet")
+        raise StoreConfigError("config key store: a redis:// store has no blocking interface; "
+                               "use open_async_store")
     if not url.startswith("sqlite:"):
         raise StoreConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB")
     path = url[len("sqlite:"):]
@@ -45,3 +46,25 @@ def open_store(config: Any, create: bool = True) -> Store:
     from gateway.store.sqlite import SQLiteStore
 
     return SQLiteStore(path, box)
+
+
+def open_async_store(config: Any, reactor: Any, create: bool = True) -> Any:
+    """The store contract (Deferred-returning methods) for `config.store`: SQLite behind its worker
+    thread, or Redis (`redis://[user:password@]host:port/db`, `rediss://` for TLS) natively."""
+    url = getattr(config, "store", None)
+    if isinstance(url, str) and (url.startswith("redis://") or url.startswith("rediss://")):
+        from gateway.store.redis import RedisStore, parse_url
+
+        try:
+            parse_url(url)
+        except ValueError as e:
+            raise StoreConfigError(f"config key store: {e}") from None
+        key_file = getattr(config, "secret_key_file", None) or "var/secret.key"
+        if not create:
+            from pathlib import Path
+
+            if not Path(key_file).exists():
+                raise StoreConfigError(f"no secret key at {Path(key_file).resolve()}: every gateway on this Redis "
+                                       "uses the same key file; copy it here or pass --config")
+        return RedisStore(url, SecretBox.from_file(key_file))
+    return AsyncStore(open_store(config, create=create), reactor)

@@ -80,6 +80,62 @@ class TokenRecord:
         }
 
 
+def new_token_record(account: str | None, scopes: list[str], description: str,
+                     addresses: list[str] | None, now: float) -> tuple[str, TokenRecord]:
+    """Validate a token request and make its record; (secret, record). Every backend stores the record."""
+    from gateway.auth.tokens import SCOPES, hash_token, new_token, validate_cidrs, validate_scopes
+    from gateway.store.validation import validate_account_id
+
+    try:
+        scope_list = validate_scopes(scopes)
+        cidrs = validate_cidrs(addresses)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+    if not isinstance(description, str) or not description.strip():
+        raise ValidationError("description is required")
+    if len(description) > 1024:
+        raise ValidationError("description is longer than 1024 characters")
+    if account is None and scope_list != ["api"]:
+        raise ValidationError("a token without an account must have exactly the scope api "
+                              f"(scopes: {', '.join(SCOPES)})")
+    if account is not None:
+        validate_account_id(account)
+    import secrets as _secrets
+
+    secret = new_token()
+    record = TokenRecord(id=_secrets.token_hex(8), hash=hash_token(secret), account=account,
+                         scopes=tuple(scope_list), description=description, created=now,
+                         addresses=tuple(cidrs))
+    return secret, record
+
+
+def judge_token(record: TokenRecord | None, presented_hash: str, scope: str, peer_ip: str | None,
+                account: str | None) -> tuple[TokenCheck, dict[str, Any] | None]:
+    """A presented token against its stored record (None: unknown): (check, public record or None)."""
+    from gateway.auth.tokens import check_token
+
+    if record is None:
+        return TokenCheck.INVALID, None
+    if account is not None and record.account != account:
+        return TokenCheck.INVALID, None
+    if record.account is None and scope != "api":
+        return TokenCheck.INVALID, None
+    result = check_token(record.check_view(), presented_hash, scope, peer_ip)
+    known = result is TokenCheck.OK or result is TokenCheck.DENIED_ADDRESS
+    return result, (record.public() if known else None)
+
+
+def state_view(state: str | None, error: str | None, description: str | None, time: float | None
+               ) -> dict[str, Any]:
+    """`state` and `lastError` of an account view, from what a backend keeps (None: nothing yet)."""
+    if state is None:
+        return {"state": "connecting", "lastError": None}
+    last = None
+    if error is not None:
+        last = {"error": error, "description": description, "time": iso_utc(float(time or 0))}
+    return {"state": state, "lastError": last}
+
+
 class Store(Protocol):
     """The blocking store interface every backend implements."""
 
@@ -108,6 +164,8 @@ class Store(Protocol):
     def create_auth_request(self, data: dict[str, Any], verifier: str, ttl: float) -> str: ...
     def take_auth_request(self, request_id: str, step: str, ttl: float) -> dict[str, Any]: ...
     def state_key(self) -> bytes: ...
+    def dump(self) -> dict[str, list[dict[str, Any]]]: ...
+    def load(self, dump: dict[str, list[dict[str, Any]]]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -228,6 +286,32 @@ class AsyncStore:
 
     def state_key(self) -> defer.Deferred[bytes]:
         return self._call(self.sync.state_key)
+
+    # Copy
+    def dump(self) -> defer.Deferred[dict[str, list[dict[str, Any]]]]:
+        return self._call(self.sync.dump)
+
+    def load(self, dump: dict[str, list[dict[str, Any]]]) -> defer.Deferred[None]:
+        return self._call(self.sync.load, dump)
+
+    # Cluster: one gateway on a SQLite file is the whole cluster
+    cluster = False
+
+    def lock(self, name: str, ttl: float) -> defer.Deferred[str | None]:
+        """Locks matter between gateways; alone, every lock is free (the caller's own single flight holds)."""
+        return defer.succeed("local")
+
+    def unlock(self, name: str, token: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def on_event(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """No other gateway can change what this one caches: nothing to be told."""
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop the worker, then fold SQLite's write-ahead log into the file (a clean copy)."""
+        self.stop()
+        self.sync.close()
+        return defer.succeed(None)
 
     def put_settings(self, name: str, data: dict[str, Any]) -> defer.Deferred[None]:
         return self._call(self.sync.put_settings, name, data)

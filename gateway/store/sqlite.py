@@ -20,17 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gateway.auth.secrets import SecretBox, SecretDecryptError
-from gateway.auth.tokens import (
-    SCOPES,
-    TokenCheck,
-    check_token,
-    hash_token,
-    looks_like_token,
-    new_token,
-    validate_cidrs,
-    validate_scopes,
-)
-from gateway.store.base import Conflict, NotFound, TokenRecord, ValidationError, iso_utc
+from gateway.auth.tokens import TokenCheck, hash_token, looks_like_token
+from gateway.store.base import (Conflict, NotFound, TokenRecord, ValidationError, iso_utc, judge_token,
+                                 new_token_record, state_view)
 from gateway.store.validation import (
     APP_SECRET_FIELD,
     account_public,
@@ -40,7 +32,6 @@ from gateway.store.validation import (
     merge,
     normalize_account,
     normalize_app,
-    validate_account_id,
     with_app_defaults,
 )
 
@@ -98,11 +89,8 @@ ACCOUNT_STATES = ("connected", "connecting", "authenticationError", "connectErro
 
 def _state_view(row: sqlite3.Row | None) -> dict[str, Any]:
     if row is None:
-        return {"state": "connecting", "lastError": None}
-    error = None
-    if row["error"] is not None:
-        error = {"error": row["error"], "description": row["description"], "time": iso_utc(row["time"])}
-    return {"state": row["state"], "lastError": error}
+        return state_view(None, None, None, None)
+    return state_view(row["state"], row["error"], row["description"], row["time"])
 
 
 class SQLiteStore:
@@ -414,24 +402,7 @@ class SQLiteStore:
     def create_token(self, account: str | None, scopes: list[str], description: str,
                      addresses: list[str] | None = None) -> tuple[str, dict[str, Any]]:
         """Issue a token; returns (secret, public record). The secret is not stored."""
-        try:
-            scope_list = validate_scopes(scopes)
-            cidrs = validate_cidrs(addresses)
-        except ValueError as exc:
-            raise ValidationError(str(exc)) from None
-        if not isinstance(description, str) or not description.strip():
-            raise ValidationError("description is required")
-        if len(description) > 1024:
-            raise ValidationError("description is longer than 1024 characters")
-        if account is None and scope_list != ["api"]:
-            raise ValidationError("a token without an account must have exactly the scope api "
-                                  f"(scopes: {', '.join(SCOPES)})")
-        if account is not None:
-            validate_account_id(account)
-        secret = new_token()
-        record = TokenRecord(id=secrets.token_hex(8), hash=hash_token(secret), account=account,
-                             scopes=tuple(scope_list), description=description,
-                             created=self._clock(), addresses=tuple(cidrs))
+        secret, record = new_token_record(account, scopes, description, addresses, self._clock())
         with self._tx() as db:
             if account is not None and db.execute(
                     "SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is None:
@@ -469,16 +440,7 @@ class SQLiteStore:
             return TokenCheck.INVALID, None
         presented = hash_token(secret)
         rows = self._query("SELECT * FROM tokens WHERE hash = ?", (presented,))
-        if not rows:
-            return TokenCheck.INVALID, None
-        record = self._record(rows[0])
-        if account is not None and record.account != account:
-            return TokenCheck.INVALID, None
-        if record.account is None and scope != "api":
-            return TokenCheck.INVALID, None
-        result = check_token(record.check_view(), presented, scope, peer_ip)
-        known = result is TokenCheck.OK or result is TokenCheck.DENIED_ADDRESS
-        return result, (record.public() if known else None)
+        return judge_token(self._record(rows[0]) if rows else None, presented, scope, peer_ip, account)
 
     def get_token(self, token_or_id: str) -> dict[str, Any] | None:
         """The public record of a token given its secret or its public id."""
@@ -501,6 +463,48 @@ class SQLiteStore:
             return False
         with self._tx() as db:
             return db.execute("DELETE FROM tokens WHERE id = ?", (record.id,)).rowcount > 0
+
+    # Copy (gateway store copy) ----------------------------------------------
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """Every record in the backend-neutral form `gateway store copy` moves (ciphertexts as stored)."""
+        apps = [{"id": r["id"], "data": json.loads(r["data"]), "secret": r["secret"], "service_key": r["service_key"],
+                 "created": r["created"]} for r in self._query("SELECT * FROM apps ORDER BY created, id")]
+        accounts = [{"account": r["account"], "data": json.loads(r["data"]), "created": r["created"],
+                     "updated": r["updated"]} for r in self._query("SELECT * FROM accounts ORDER BY account")]
+        tokens = [{"id": r["id"], "hash": r["hash"], "account": r["account"], "scopes": json.loads(r["scopes"]),
+                   "description": r["description"], "created": r["created"],
+                   "addresses": json.loads(r["addresses"]), "revoked": bool(r["revoked"])}
+                  for r in self._query("SELECT * FROM tokens ORDER BY id")]
+        settings = [{"name": r["name"], "data": json.loads(r["data"])}
+                    for r in self._query("SELECT * FROM settings ORDER BY name")]
+        states = [{"account": r["account"], "state": r["state"], "error": r["error"], "description": r["description"],
+                   "time": r["time"]} for r in self._query("SELECT * FROM account_state ORDER BY account")]
+        return {"apps": apps, "accounts": accounts, "tokens": tokens, "settings": settings, "states": states}
+
+    def load(self, dump: dict[str, list[dict[str, Any]]]) -> None:
+        """Write records from :meth:`dump` (of any backend) in one transaction; same ids are replaced."""
+        now = self._clock()
+        with self._tx() as db:
+            for a in dump.get("apps", []):
+                db.execute("INSERT OR REPLACE INTO apps (id, data, secret, created, service_key) VALUES (?, ?, ?, ?, ?)",
+                           (a["id"], json.dumps(a["data"]), a.get("secret"), a["created"], a.get("service_key")))
+            for a in dump.get("accounts", []):
+                db.execute("INSERT OR REPLACE INTO accounts (account, data, created, updated) VALUES (?, ?, ?, ?)",
+                           (a["account"], json.dumps(a["data"]), a["created"], a["updated"]))
+            for t in dump.get("tokens", []):
+                db.execute("DELETE FROM tokens WHERE id = ? OR hash = ?", (t["id"], t["hash"]))
+                db.execute("INSERT INTO tokens (id, hash, account, scopes, description, created, addresses, revoked)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (t["id"], t["hash"], t.get("account"), json.dumps(t["scopes"]), t["description"],
+                            t["created"], json.dumps(t.get("addresses") or []), int(bool(t.get("revoked")))))
+            for st in dump.get("settings", []):
+                db.execute("INSERT OR REPLACE INTO settings (name, data, updated) VALUES (?, ?, ?)",
+                           (st["name"], json.dumps(st["data"]), now))
+            for st in dump.get("states", []):
+                db.execute("INSERT OR REPLACE INTO account_state (account, state, error, description, time) "
+                           "VALUES (?, ?, ?, ?, ?)", (st["account"], st["state"], st.get("error"),
+                                                      st.get("description"), st["time"]))
 
     # Settings --------------------------------------------------------------
 

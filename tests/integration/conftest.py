@@ -96,6 +96,34 @@ def gateway(dovecot, oauth2_provider):
 
 
 @pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a loopback port for the session (databases are handed out per test by
+    ``redis_url``)."""
+    from .redis_server import RedisServer, missing
+
+    if missing():
+        pytest.fail("the Redis tests need redis-server and redis-cli (apt-get install redis-server; "
+                    "bash scripts/test.sh installs it)")
+    with _workdir("gw-redis-", "Redis") as workdir:
+        server = RedisServer(workdir).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+_redis_dbs = itertools.count(1)
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """A redis:// URL of a database of its own (flushed) for one test."""
+    db = next(_redis_dbs) % 16 or 1
+    redis_server.flush(db)
+    return redis_server.url(db)
+
+
+@pytest.fixture(scope="session")
 def smtp_sink(dovecot):
     """The SMTP sink Dovecot's submission service relays to
     (``dovecot.submission_relay_port``).  Dovecot connects to it as soon as a
