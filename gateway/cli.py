@@ -16,10 +16,13 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Awaitable, Callable, TextIO
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from gateway.auth.tokens import SCOPES
-from gateway.store.base import Conflict, NotFound, Store, StoreError
+from gateway.store.base import Conflict, NotFound, StoreError
 
 PROVIDERS = ("gmail", "outlook", "generic")
 
@@ -88,6 +91,11 @@ def _build_parser() -> argparse.ArgumentParser:
     store = top.add_parser("store", help="the store itself").add_subparsers(dest="action", required=True)
     backup = store.add_parser("backup", help="a consistent copy of the store in FILE (the gateway may run)")
     backup.add_argument("file", metavar="FILE")
+    copy = store.add_parser("copy", help="copy every record from one store to another (SQLite <-> Redis); "
+                                         "idempotent, verified by counts and checksums")
+    copy.add_argument("--from", dest="source", required=True, metavar="STORE",
+                      help="sqlite:PATH or redis://HOST:PORT/DB (default secret key file of --config)")
+    copy.add_argument("--to", dest="target", required=True, metavar="STORE")
     restore = store.add_parser("restore", help="replace the store's content with the backup in FILE")
     restore.add_argument("file", metavar="FILE")
 
@@ -158,21 +166,21 @@ def _print_lines(rows: list[dict[str, Any]], out: TextIO) -> None:
         out.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def _token(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+async def _token(args: argparse.Namespace, store: Any, out: TextIO, secrets: _Secrets) -> None:
     if args.action == "create":
-        secret, _record = store.create_token(args.account, args.scopes, args.description, args.cidrs or None)
+        secret, _record = await store.create_token(args.account, args.scopes, args.description, args.cidrs or None)
         out.write(secret + "\n")
     elif args.action == "list":
-        if args.account is not None and store.get_account(args.account) is None:
+        if args.account is not None and (await store.get_account(args.account)) is None:
             raise NotFound(f"account {args.account} not found")
-        _print_lines(store.list_tokens(args.account), out)
+        _print_lines(await store.list_tokens(args.account), out)
     elif args.action == "revoke":
-        if not store.revoke_token(args.token):
+        if not await store.revoke_token(args.token):
             raise NotFound("token not found")
         out.write("revoked\n")
 
 
-def _account(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+async def _account(args: argparse.Namespace, store: Any, out: TextIO, secrets: _Secrets) -> None:
     if args.action == "add":
         data: dict[str, Any] = {"account": args.account, "email": args.email, "name": args.name,
                                 "proxy": args.proxy, "localAddress": args.local_address}
@@ -187,22 +195,22 @@ def _account(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secr
             data["oauth2"] = oauth
         elif args.oauth2_user or args.refresh_token_stdin:
             raise CliError("--oauth2-user and --refresh-token-stdin need --oauth2-app")
-        created = store.create_account({k: v for k, v in data.items() if v is not None})
+        created = await store.create_account({k: v for k, v in data.items() if v is not None})
         out.write(created["account"] + "\n")
     elif args.action == "list":
-        _print_lines(store.list_accounts(), out)
+        _print_lines(await store.list_accounts(), out)
     elif args.action == "show":
-        account = store.get_account(args.account)
+        account = await store.get_account(args.account)
         if account is None:
             raise NotFound(f"account {args.account} not found")
         out.write(json.dumps(account, indent=2, sort_keys=True) + "\n")
     elif args.action == "delete":
-        if not store.delete_account(args.account):
+        if not await store.delete_account(args.account):
             raise NotFound(f"account {args.account} not found")
         out.write(f"deleted {args.account}\n")
 
 
-def _app(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+async def _app(args: argparse.Namespace, store: Any, out: TextIO, secrets: _Secrets) -> None:
     if args.action == "add":
         data: dict[str, Any] = {"name": args.name, "provider": args.provider, "clientId": args.client_id,
                                 "authorizationUrl": args.authorization_url, "tokenUrl": args.token_url,
@@ -222,33 +230,39 @@ def _app(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets)
             data["clientSecret"] = secrets.read("OAuth2 client secret")
         elif not args.service_account_json:
             raise CliError("--client-secret-stdin is required: the client secret is read from stdin")
-        created = store.create_app({k: v for k, v in data.items() if v is not None})
+        created = await store.create_app({k: v for k, v in data.items() if v is not None})
         out.write(created["id"] + "\n")
     elif args.action == "list":
-        _print_lines(store.list_apps(), out)
+        _print_lines(await store.list_apps(), out)
     elif args.action == "delete":
-        if not store.delete_app(args.app):
+        if not await store.delete_app(args.app):
             raise NotFound(f"OAuth2 app {args.app} not found")
         out.write(f"deleted {args.app}\n")
 
 
-def _store(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
-    backup = getattr(store, "backup", None)
+async def _store(args: argparse.Namespace, store: Any, out: TextIO, secrets: _Secrets) -> None:
+    sync = getattr(store, "sync", None)
+    backup = getattr(sync, "backup", None)
     if backup is None:
-        raise CliError("this store has no backup; use the store's own tools")
+        raise CliError("store backup and restore work on a SQLite store; for Redis use its own persistence "
+                       "(RDB/AOF), or gateway store copy --to sqlite:FILE")
+    store = sync
     if args.action == "backup":
         backup(args.file)
         out.write(f"backed up to {args.file} (keep the secret key file with it: the secrets "
                   f"in the backup cannot be read without it)\n")
     elif args.action == "restore":
-        counts = store.restore(args.file)  # type: ignore[attr-defined]
+        counts = store.restore(args.file)
         out.write("restored " + ", ".join(f"{n} {table}" for table, n in counts.items()) + "\n")
 
 
-def _secrets(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secrets) -> None:
+async def _secrets(args: argparse.Namespace, store: Any, out: TextIO, secrets: _Secrets) -> None:
     """`secrets rotate [--retire]` (see gateway.store.rotate). Prints counts, never a key or a secret."""
     from gateway.store.rotate import retire_keys, rotate_key
 
+    store = getattr(store, "sync", None)
+    if store is None:
+        raise CliError("secrets rotate works on a SQLite store; with Redis, copy to SQLite, rotate, copy back")
     key_file: str = args.secret_key_file
     try:
         if args.retire:
@@ -274,46 +288,154 @@ def _secrets(args: argparse.Namespace, store: Store, out: TextIO, secrets: _Secr
                   f"for running gateways until \"gateway secrets rotate --retire\"\n")
 
 
-_COMMANDS: dict[str, Callable[[argparse.Namespace, Store, TextIO, _Secrets], None]] = {
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Any, TextIO, _Secrets], Awaitable[None]]] = {
     "token": _token, "account": _account, "app": _app, "store": _store, "secrets": _secrets,
 }
 
 
-def _open(config_path: str | None) -> tuple[Store, str]:
-    """The sync store the configuration names and its secret key file; CliError with one line when
-    it cannot be opened."""
+def _open(config_path: str | None, reactor: Any) -> tuple[Any, str]:
+    """The store the configuration names (its contract: Deferred-returning methods) and its secret key
+    file; CliError with one line when it cannot be opened."""
     from gateway.config import ConfigError, find_config, load_config
-    from gateway.store import open_store
+    from gateway.store import open_async_store, open_store
+    from gateway.store.base import Immediate
 
     try:
         config = load_config(find_config(config_path))
-        store = open_store(config, create=False)
+        if config.store.startswith("sqlite:"):
+            store: Any = Immediate(open_store(config, create=False))
+        else:
+            store = open_async_store(config, reactor, create=False)
     except (ConfigError, ValueError, OSError, sqlite3.Error) as exc:
         raise CliError(_one_line(exc)) from None
     return store, getattr(config, "secret_key_file", None) or "var/secret.key"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one CLI command; returns the exit code (0 ok, 1 failed, 2 usage)."""
-    parser = _build_parser()
+async def _run(args: argparse.Namespace, reactor: Any) -> int:
+    if args.group == "store" and args.action == "copy":  # names its own stores
+        try:
+            await _copy(args, sys.stdout)
+        except (CliError, StoreError, ValueError) as exc:
+            sys.stderr.write(f"gateway: {_one_line(exc)}\n")
+            return 1
+        return 0
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    try:
-        store, args.secret_key_file = _open(args.config)
+        store, args.secret_key_file = _open(args.config, reactor)
     except CliError as exc:
         sys.stderr.write(f"gateway: {_one_line(exc)}\n")
         return 1
     try:
-        _COMMANDS[args.group](args, store, sys.stdout, _Secrets(sys.stdin))
+        await _COMMANDS[args.group](args, store, sys.stdout, _Secrets(sys.stdin))
     except (CliError, StoreError, ValueError) as exc:
         prefix = "not found: " if isinstance(exc, NotFound) else "conflict: " if isinstance(exc, Conflict) else ""
         sys.stderr.write(f"gateway: {prefix}{_one_line(exc)}\n")
         return 1
     finally:
-        store.close()
+        await store.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one CLI command; returns the exit code (0 ok, 1 failed, 2 usage).
+
+    Every command is written against the store's asynchronous contract. With a SQLite store it runs
+    to the end at once (the store answers without a worker thread here: nothing else shares it), so
+    the CLI needs no reactor; with Redis it runs under ``task.react``."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if not _needs_reactor(args):
+        done = defer.ensureDeferred(_run(args, None))
+        results: list[Any] = []
+        done.addBoth(results.append)
+        if not results:
+            raise RuntimeError("a SQLite command waited on something")  # cannot happen: nothing is deferred
+        if isinstance(results[0], Failure):
+            results[0].raiseException()
+        return int(results[0])
+    codes: list[int] = []
+
+    def run(reactor: Any) -> defer.Deferred[None]:
+        return defer.ensureDeferred(_run(args, reactor)).addCallback(codes.append)
+
+    try:
+        task.react(run)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            return int(exc.code) if isinstance(exc.code, int) else 1
+    return codes[0] if codes else 1
+
+
+def _needs_reactor(args: argparse.Namespace) -> bool:
+    """Redis (in the configuration or a store copy) needs the reactor; SQLite alone does not."""
+    from gateway.config import ConfigError, find_config, load_config
+
+    if args.group == "store" and args.action == "copy":
+        return True
+    try:
+        return not load_config(find_config(args.config)).store.startswith("sqlite:")
+    except (ConfigError, OSError, ValueError):
+        return False  # _open reports it
+
+
+async def _copy(args: argparse.Namespace, out: TextIO) -> None:
+    """`store copy --from A --to B`: every record of A written into B (same ids replaced), then both
+    dumped again and compared kind by kind: counts and a SHA-256 of the canonical records."""
+    from twisted.internet import reactor
+
+    from gateway.config import ConfigError, find_config, load_config
+    from gateway.store import open_async_store
+
+    try:
+        config = load_config(find_config(args.config))
+    except (ConfigError, OSError, ValueError) as exc:
+        raise CliError(_one_line(exc)) from None
+    stores = []
+    try:
+        for url, create in ((args.source, False), (args.target, True)):
+            if url.startswith("sqlite:") and not create and not Path(url[len("sqlite:"):]).exists():
+                raise CliError(f"no store at {url}")
+            stores.append(open_async_store(_with_store(config, url), reactor, create=create))
+        source, target = stores
+        dump = await source.dump()
+        await target.load(dump)
+        copied = await target.dump()
+        for kind in ("apps", "accounts", "tokens", "settings", "states"):
+            want, got = _digest(dump.get(kind, [])), _digest(_only(copied.get(kind, []), dump.get(kind, [])))
+            if want != got:
+                raise CliError(f"copy of {kind} does not match ({want[0]} records, checksum {want[1][:12]} "
+                               f"vs {got[0]}, {got[1][:12]}): nothing else was changed; run it again")
+            out.write(f"{kind}: {want[0]} copied, sha256 {want[1][:16]}\n")
+    except StoreError as exc:
+        raise CliError(_one_line(exc)) from None
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def _with_store(config: Any, url: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(config, store=url)
+
+
+def _key(kind_record: dict[str, Any]) -> str:
+    return str(kind_record.get("id") or kind_record.get("account") or kind_record.get("name"))
+
+
+def _only(records: list[dict[str, Any]], wanted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The target's records with the ids the source has (a target may hold more of its own)."""
+    keys = {_key(r) for r in wanted}
+    return [r for r in records if _key(r) in keys]
+
+
+def _digest(records: list[dict[str, Any]]) -> tuple[int, str]:
+    import hashlib
+
+    canonical = sorted(json.dumps(r, sort_keys=True, separators=(",", ":")) for r in records)
+    return len(canonical), hashlib.sha256("\n".join(canonical).encode()).hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from gateway.smtp.upstream import SMTP_LEG
 from gateway.net.connector import Connector
 from gateway.net.opener import ClientAddress, Leg, Opened, open_upstream
 from gateway.net.policy import check_configured, configured_addresses
-from gateway.net.pool import PoolSettings, UpstreamPool
+from gateway.net.pool import ClusterLeases, PoolSettings, UpstreamPool
 from gateway.session import CLOSE_GRACE, SessionDeps
 from gateway.tls import TLS_PREFIXES, ServerTLS, ensure_certificate, listener_endpoint
 
@@ -53,9 +53,11 @@ class Core:
     auth_limits: AuthLimiter | None = None
     connection_limits: ConnectionLimiter | None = None
     max_connections: int | None = None   # limits.max_connections, lowered to what open files allow
+    leases: ClusterLeases | None = None  # the per-account caps counted cluster-wide (Redis store)
 
     def __post_init__(self) -> None:
         self.connections = Connections(clock=self.reactor.seconds)
+        self.leases = ClusterLeases(self.store, self.reactor) if getattr(self.store, "cluster", False) else None
         self.auth_limits = AuthLimiter(self.config.limits, self.reactor.seconds)
         self.connection_limits = ConnectionLimiter(self.config.limits, self.auth_limits,
                                                    max_connections=self.max_connections)
@@ -64,10 +66,27 @@ class Core:
             max_connections=imap.max_connections_per_account, limit_wait=imap.limit_wait,
             idle_ttl=imap.pool.idle_ttl, max_idle=imap.pool.max_idle_per_account,
             per_client=self.config.upstream.forward_client_ip,
-        ), self.reactor, self._opener(IMAP_LEG), IMAP_KEEPER)
+        ), self.reactor, self._opener(IMAP_LEG), IMAP_KEEPER, leases=self.leases)
         self.pools["smtp"] = UpstreamPool("smtp", PoolSettings(
             max_connections=smtp.max_connections_per_account, limit_wait=smtp.limit_wait, idle_ttl=0,
-        ), self.reactor, self._opener(SMTP_LEG))
+        ), self.reactor, self._opener(SMTP_LEG), leases=self.leases)
+        if getattr(self.store, "cluster", False):
+            self.store.on_event(self._cluster_event)
+
+    @property
+    def cluster(self) -> bool:
+        """Several gateways share the store (Redis): caps, refresh locks and caches are cluster-wide."""
+        return bool(getattr(self.store, "cluster", False))
+
+    def _cluster_event(self, event: dict[str, Any]) -> None:
+        """What another gateway (or this one) published on the shared store."""
+        kind = event.get("kind")
+        if kind == "released" and event.get("protocol") in self.pools:
+            self.pools[str(event["protocol"])].wake(str(event.get("account")))
+        elif kind == "account":
+            self._forget(str(event.get("id")))
+        elif kind == "settings":
+            self.connector.policy.settings_changed()
 
     def _opener(self, leg: Leg) -> Any:
         async def open_for(account: dict[str, Any], client: ClientAddress | None) -> Opened:
@@ -87,7 +106,15 @@ class Core:
                            trusted_proxies=netaddr.IPSet(self.config.trusted_proxies))
 
     def account_changed(self, account_id: str) -> None:
-        """An account was changed or deleted: its pooled connections must not serve it again."""
+        """An account was changed or deleted: its pooled connections must not serve it again, on any
+        gateway of the cluster."""
+        self._forget(account_id)
+        if self.cluster:
+            d = defer.maybeDeferred(self.store.publish, {"kind": "account", "id": account_id})
+            d.addErrback(lambda f: log.warn("Cannot tell the other gateways about account {account}: {why}",
+                                            account=account_id, why=f.getErrorMessage()))
+
+    def _forget(self, account_id: str) -> None:
         for pool in self.pools.values():
             pool.forget(account_id)
 
@@ -204,11 +231,10 @@ class StoreService(service.Service):
         self.store.start()
 
     def stopService(self) -> Any:
-        """Stop the worker (it finishes the call in progress), then close the store: SQLite folds its
-        write-ahead log into the database file, so the file alone is a complete copy."""
+        """Close the store: SQLite's worker finishes the call in progress and folds the write-ahead log
+        into the database file, so the file alone is a complete copy; Redis's connections close."""
         super().stopService()
-        self.store.stop()
-        self.store.sync.close()
+        return self.store.close()
 
 
 def listen_addresses(config: Config) -> tuple[str, ...]:
@@ -226,12 +252,11 @@ def listen_addresses(config: Config) -> tuple[str, ...]:
 
 def make_core(config: Config, reactor: Any) -> Core:
     """Open the store, prepare TLS material and the outbound connector."""
-    from gateway.store import open_store
-    from gateway.store.base import AsyncStore
+    from gateway.store import open_async_store
 
     check_configured(config.network)  # ConfigError when a source address is not on this machine
     ensure_certificate(config.tls.cert, config.tls.key, names=listen_addresses(config))
-    store = AsyncStore(open_store(config), reactor)
+    store = open_async_store(config, reactor)
     connector = Connector(reactor, config, store)
     tokens = TokenSource(store, reactor, connector=connector, margin=config.upstream.refresh_margin,
                          timeout=config.upstream.connect_timeout)

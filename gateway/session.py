@@ -39,6 +39,7 @@ from gateway.net.pool import Lease
 from gateway.net.relay import Coalescer, Coupling, quickack, set_nodelay, tcp_socket
 from gateway.net.transport import transport_of
 from gateway.net.upstream import UpstreamError
+from gateway.store.base import StoreError
 
 log = Logger()
 
@@ -529,8 +530,12 @@ class GatewaySession(Protocol):
             # Locked out: the bad-token answer whatever the token, without checking it.
             self._fail_later(MAX_DELAY, action, self.reply("invalid"), "locked-out")
             return
-        check, account, token_id = await self.deps.tokens.check_login(
-            action.password, self.scope, client or None, action.username)
+        try:
+            check, account, token_id = await self.deps.tokens.check_login(
+                action.password, self.scope, client or None, action.username)
+        except StoreError as e:  # the store (Redis) is unreachable: say so, like an upstream that is
+            self._fail(action, self.reply("unavailable", str(e)), "store", detail=str(e))
+            return
         if self._gone:
             return
         if check is not TokenCheck.OK or account is None:
@@ -548,6 +553,9 @@ class GatewaySession(Protocol):
             lease = await acquiring
         except UpstreamError as e:
             self._fail(action, self.reply("unavailable", str(e)), e.code, detail=str(e))
+            return
+        except StoreError as e:
+            self._fail(action, self.reply("unavailable", str(e)), "store", detail=str(e))
             return
         if self._gone:
             lease.release()  # fresh from a login or a resync: clean, nothing selected

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -60,16 +60,18 @@ class TokenSource:
         expires = oauth.get("expires") or 0
         if token and not force and float(expires) - self._margin > self._clock():
             return str(token)
-        return await self._refresh_shared(account["account"])
+        return await self._refresh_shared(account["account"], str(token) if token else None)
 
-    def _refresh_shared(self, account_id: str) -> defer.Deferred[str]:
+    def _refresh_shared(self, account_id: str, stale: str | None = None) -> defer.Deferred[str]:
+        """One refresh per account in this process (later askers wait for it) and, through the
+        store's lock, in the whole cluster."""
         waiters = self._inflight.get(account_id)
         d: defer.Deferred[str] = defer.Deferred()
         if waiters is not None:
             waiters.append(d)
             return d
         self._inflight[account_id] = [d]
-        run = defer.Deferred.fromCoroutine(self._refresh(account_id))
+        run = defer.Deferred.fromCoroutine(self._refresh_locked(account_id, stale))
 
         def settle(result: Any) -> None:
             for waiter in self._inflight.pop(account_id, []):
@@ -81,8 +83,39 @@ class TokenSource:
         run.addBoth(settle)
         return d
 
+    async def _refresh_locked(self, account_id: str, stale: str | None) -> str:
+        """Refresh under the cluster lock ``refresh:<account>``; when another gateway holds it, wait
+        for its result (a new access token in the store) instead of refreshing too: a provider that
+        rotates refresh tokens must never see the same one twice."""
+        name = f"refresh:{account_id}"
+        deadline = self._reactor.seconds() + self._timeout + 5
+        while True:
+            lock = await self._store.lock(name, self._timeout + 5)
+            if lock is not None:
+                try:
+                    fresh = await self._fresh_in_store(account_id, stale)
+                    return fresh if fresh is not None else await self._refresh(account_id)
+                finally:
+                    await self._store.unlock(name, lock)
+            fresh = await self._fresh_in_store(account_id, stale)
+            if fresh is not None:
+                return fresh
+            if self._reactor.seconds() >= deadline:
+                raise RefreshError("OAuth2 token refresh failed: another gateway's refresh of this account "
+                                   f"did not finish within {self._timeout + 5:.0f} s")
+            await task.deferLater(self._reactor, 0.1, lambda: None)
+
+    async def _fresh_in_store(self, account_id: str, stale: str | None) -> str | None:
+        """An access token another gateway stored meanwhile (not ``stale``, not about to expire)."""
+        account = await self._store.get_account(account_id, with_secrets=True)
+        oauth = (account or {}).get("oauth2") or {}
+        token = oauth.get("accessToken")
+        if token and token != stale and float(oauth.get("expires") or 0) - self._margin > self._clock():
+            return str(token)
+        return None
+
     async def _refresh(self, account_id: str) -> str:
-        # Re-read under the single flight: another gateway node may have refreshed it already.
+        # Re-read under the lock: the refresh token may have been rotated by another gateway.
         account = await self._store.get_account(account_id, with_secrets=True)
         if account is None:
             raise RefreshError("account no longer exists")

@@ -200,6 +200,10 @@ class NetworkPolicy:
             self._loaded_at = now
         return self._settings
 
+    def settings_changed(self) -> None:
+        """Another gateway stored new settings (the store's event): read them at the next use."""
+        self._loaded_at = None
+
     async def update(self, body: Any) -> dict[str, Any]:
         """PUT /v1/settings/network: validate, store, use at once; returns the new view."""
         current = Settings.from_document(await self._store.get_settings(SETTINGS_NAME))

@@ -91,6 +91,7 @@ class PooledUpstream:
         self.pool = pool
         self.account = account
         self.client_host = client_host  # whom it was opened for (the provider was told, with per_client)
+        self.lease: str | None = None   # its slot of the cluster-wide cap, when there is one
         self.fingerprint = print_
         self.opened: Opened | None = None
         self.idle_since = 0.0
@@ -216,16 +217,70 @@ class Lease:
             conn.close(reason)
 
 
+class ClusterLeases:
+    """The per-account cap counted across every gateway on a shared store (Redis): each upstream
+    connection holds a lease that expires unless renewed, so a gateway that dies leaks no slot for
+    longer than ``ttl``. Releases anywhere wake this gateway's waiters (the store's events)."""
+
+    def __init__(self, store: Any, reactor: Any, ttl: float = 30.0) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.ttl = ttl
+        self._held: dict[tuple[str, str], set[str]] = {}  # (protocol, account) -> lease ids
+        self._loop: Any = None
+
+    async def take(self, protocol: str, account: str, cap: int) -> str | None:
+        lease = await self.store.take_lease(protocol, account, cap, self.ttl)
+        if lease is not None:
+            self._held.setdefault((protocol, account), set()).add(lease)
+            self._start()
+        return lease
+
+    def release(self, protocol: str, account: str, lease: str) -> None:
+        held = self._held.get((protocol, account))
+        if held is not None:
+            held.discard(lease)
+            if not held:
+                del self._held[(protocol, account)]
+        d = defer.maybeDeferred(self.store.release_lease, protocol, account, lease)
+        d.addErrback(lambda f: log.warn("Cannot release a lease of {account}: {why}", account=account,
+                                        why=f.getErrorMessage()))
+
+    def _start(self) -> None:
+        if self._loop is None:
+            from twisted.internet import task
+
+            self._loop = task.LoopingCall(self._renew)
+            self._loop.clock = self.reactor
+            self._loop.start(self.ttl / 3, now=False).addErrback(lambda f: None)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _renew(self) -> defer.Deferred[Any]:
+        renewals = [defer.maybeDeferred(self.store.renew_lease, protocol, account, lease, self.ttl)
+                    for (protocol, account), leases in list(self._held.items()) for lease in list(leases)]
+        def report(results: list[tuple[bool, Any]]) -> None:
+            for ok, result in results:
+                if not ok:
+                    log.warn("Cannot renew a connection lease: {why}", why=result.getErrorMessage())
+
+        return defer.DeferredList(renewals, consumeErrors=True).addCallback(report)
+
+
 class UpstreamPool:
     """Upstream connections of one protocol, by account: caps, waits, the idle pool, back-off."""
 
     def __init__(self, protocol: str, settings: PoolSettings, reactor: Any, opener: Opener,
-                 keeper: Keeper | None = None) -> None:
+                 keeper: Keeper | None = None, leases: ClusterLeases | None = None) -> None:
         self.protocol = protocol
         self.opener = opener
         self.settings = settings
         self.reactor = reactor
         self.keeper = keeper
+        self.leases = leases  # the cap counted cluster-wide (a shared store), or None (this gateway alone)
         self._conns: dict[str, list[PooledUpstream]] = {}      # account -> every counted connection
         self._waiters: dict[str, deque[defer.Deferred[None]]] = {}
         self._backoff: dict[str, float] = {}                    # account -> reactor time it ends
@@ -267,11 +322,15 @@ class UpstreamPool:
                 continue
             cap = self.settings.max_connections
             if not cap or len(self._conns.get(account_id, ())) < cap:
-                return await self._open(account, print_, client)
+                lease = await self.leases.take(self.protocol, account_id, cap) if self.leases and cap else None
+                if not (self.leases and cap) or lease is not None:
+                    return await self._open(account, print_, client, lease)
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
                 raise TooManyConnections()
-            await self._wait(account_id, remaining)
+            # Cluster-wide, a slot freed elsewhere wakes us through the store's events; look again
+            # every half second anyway, in case an event was lost.
+            await self._wait(account_id, min(remaining, 0.5) if self.leases else remaining)
 
     def forget(self, account_id: str) -> None:
         """The account changed or was deleted: close its idle connections now (busy ones close when given back)."""
@@ -349,9 +408,11 @@ class UpstreamPool:
         self._gauges()
         return True
 
-    async def _open(self, account: dict[str, Any], print_: str, client: ClientAddress | None) -> Lease:
+    async def _open(self, account: dict[str, Any], print_: str, client: ClientAddress | None,
+                    lease: str | None = None) -> Lease:
         account_id = str(account["account"])
         conn = PooledUpstream(self, account_id, print_, client.host if client else "")
+        conn.lease = lease
         self._conns.setdefault(account_id, []).append(conn)
         self._gauges()
         try:
@@ -418,7 +479,14 @@ class UpstreamPool:
         self._gauges()
         self._wake(conn.account)
 
+    def wake(self, account_id: str) -> None:
+        """A slot of ``account_id`` came free elsewhere (another gateway released a lease)."""
+        self._wake(account_id)
+
     def _closed(self, conn: PooledUpstream, reason: str) -> None:
+        if conn.lease is not None and self.leases is not None:
+            self.leases.release(self.protocol, conn.account, conn.lease)
+            conn.lease = None
         conns = self._conns.get(conn.account)
         if conns is not None and conn in conns:
             conns.remove(conn)

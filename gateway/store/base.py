@@ -169,6 +169,27 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+class Immediate:
+    """The store contract over a blocking store, answered at once (already-fired Deferreds): for the CLI,
+    which has the SQLite file to itself for one command and needs neither a worker nor a reactor."""
+
+    cluster = False
+
+    def __init__(self, sync_store: Store) -> None:
+        self.sync = sync_store
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.sync, name)
+
+        def call(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+            return defer.maybeDeferred(method, *args, **kwargs)
+        return call
+
+    def close(self) -> defer.Deferred[None]:
+        self.sync.close()
+        return defer.succeed(None)
+
+
 class AsyncStore:
     """Deferred-returning facade over a sync `Store`, one worker thread, calls in order."""
 

@@ -111,7 +111,13 @@ def _d(fn: Callable[..., Awaitable[T]]) -> Callable[..., defer.Deferred[T]]:
             except (txredisapi.ConnectionError, ConnectionError) as e:
                 raise StoreUnavailable(f"the store (Redis at {self.where}) is unavailable: "
                                        f"{str(e) or type(e).__name__}") from None
-        return defer.Deferred.fromCoroutine(run())
+
+        def timed_out(result: Any, seconds: float) -> Any:
+            raise StoreUnavailable(f"the store (Redis at {self.where}) did not answer within {seconds:.0f} s")
+
+        # While Redis is down the pool queues commands until it reconnects: bound every call.
+        return defer.Deferred.fromCoroutine(run()).addTimeout(self._timeout, self._reactor(),
+                                                                onTimeoutCancel=timed_out)
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
@@ -154,6 +160,11 @@ class RedisStore:
         closing = [d for d in (redis.disconnect() if redis is not None else None,
                                subscriber.disconnect() if subscriber is not None else None) if d is not None]
         return defer.DeferredList(closing).addCallback(lambda _: None)
+
+    @staticmethod
+    def _reactor() -> Any:
+        from twisted.internet import reactor
+        return reactor
 
     @property
     def r(self) -> Any:
@@ -444,7 +455,8 @@ class RedisStore:
         fields = {"state": state, "time": repr(now)}
         if error is not None:
             fields["error"] = error
-            fields["description"] = description or ""
+        if description is not None:
+            fields["description"] = description
         await self.r.hmset(key, fields)
 
     @_d

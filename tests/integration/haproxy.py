@@ -27,12 +27,22 @@ class HAProxy(ServerProcess):
         super().__init__(workdir)  # self.port: a frontend that accepts and closes, to see it is up
         self.conf = self.workdir / "haproxy.cfg"
         self.frontends: list[tuple[int, int, int]] = []  # (our port, gateway port, PROXY version)
+        self.balanced: list[tuple[int, list[int], int]] = []  # (our port, gateway ports, PROXY version)
 
     def forward(self, backend_port: int, version: int) -> int:
         """A frontend port whose connections reach ``backend_port`` behind a PROXY v1/v2 header."""
         assert version in SEND_PROXY, version
         port = free_port()
         self.frontends.append((port, backend_port, version))
+        return port
+
+    def balance(self, backend_ports: list[int], version: int = 2) -> int:
+        """A frontend port spread round-robin over several gateways (PROXY header to each), with
+        health checks: a gateway that stops answering is taken out and its connections go to the
+        others (``option redispatch``)."""
+        assert version in SEND_PROXY, version
+        port = free_port()
+        self.balanced.append((port, list(backend_ports), version))
         return port
 
     def config(self) -> str:
@@ -55,6 +65,17 @@ frontend ready
 backend b{port}
     server gateway 127.0.0.1:{backend_port} {SEND_PROXY[version]}
 """)
+        for port, backends, version in self.balanced:
+            servers = "".join(f"    server gw{i} 127.0.0.1:{backend} {SEND_PROXY[version]} check check-send-proxy inter 300ms "
+                              f"fall 1 rise 1\n" for i, backend in enumerate(backends, 1))
+            parts.append(f"""frontend f{port}
+    bind {self.host}:{port}
+    default_backend b{port}
+backend b{port}
+    balance roundrobin
+    option redispatch
+    retries 3
+{servers}""")
         return "".join(parts)
 
     def command(self) -> list[str]:

@@ -17,16 +17,18 @@ from .dovecot import free_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, persist: bool = False) -> None:
         self.workdir = Path(workdir)
         self.password = password
+        self.persist = persist  # append-only file: the data outlives a restart
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"]
+                "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
+                "--dir", str(self.workdir), "--protected-mode", "no"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=open(self.workdir / "redis.log", "ab"),
