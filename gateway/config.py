@@ -196,8 +196,15 @@ def _validate(config: Config) -> None:
             except (netaddr.AddrFormatError, ValueError, TypeError):
                 raise ConfigError(f"config key {key}: {cidr!r} is not an IP address or CIDR") from None
     store = config.store
-    if not (store.startswith("sqlite:") or store.startswith("redis://")):
-        raise ConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB")
+    if not (store.startswith("sqlite:") or store.startswith("redis://") or store.startswith("rediss://")):
+        raise ConfigError("config key store: expected sqlite:PATH or redis://HOST:PORT/DB (rediss:// for TLS)")
+    if not store.startswith("sqlite:"):
+        from gateway.store.redis import parse_url
+
+        try:
+            parse_url(store)
+        except ValueError as e:
+            raise ConfigError(f"config key store: {e}") from None
     net = config.network
     if net.address_strategy not in ADDRESS_STRATEGIES:
         raise ConfigError(
