@@ -285,3 +285,13 @@ def test_store_copy_sqlite_to_redis_to_sqlite_is_identical(dovecot, oauth2_provi
         # the copy is a working store: the CLI on it finds the account and the token works
         listed = _cli(config, "token", "list", "--account", account)
         assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1
+
+
+def test_the_contrib_haproxy_configuration_is_valid(tmp_path) -> None:
+    """contrib/haproxy.cfg, as shipped, passes HAProxy's own check without a warning."""
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    config = Path(__file__).resolve().parents[2] / "contrib" / "haproxy.cfg"
+    checked = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "WARNING" not in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+    assert "send-proxy-v2" in config.read_text()
