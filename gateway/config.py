@@ -65,6 +65,7 @@ class SMTPConfig:
 class APIConfig:
     listen: str = "tcp:3000:interface=127.0.0.1"
     public_url: str = "http://127.0.0.1:3000"  # how browsers reach this listener (OAuth2 links, callback)
+    dashboard_session_ttl: float = 28800.0     # seconds a dashboard sign-in lasts (its cookie's Max-Age)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,11 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    days: int = field(default=0, metadata=ZERO_OK)  # ramp of a new source address; 0 = no warm-up
+
+
+@dataclass(frozen=True)
 class NetworkConfig:
     local_addresses: tuple[str, ...] = ()
     address_strategy: str = "default"
@@ -91,6 +97,20 @@ class NetworkConfig:
     ehlo_names: dict[str, Any] = field(default_factory=dict)  # {source address: EHLO name}
     hosts: dict[str, Any] = field(default_factory=dict)  # {host name: [address, ...]}, before DNS
     connect_attempts: int = 2
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+
+REPUTATION_POLICIES = ("exclude", "warn")
+
+
+@dataclass(frozen=True)
+class ReputationConfig:
+    zones: Any = ()                   # [{host: zen.spamhaus.org, name: Spamhaus ZEN}, ...]
+    nameservers: tuple[str, ...] = ()  # ["127.0.0.1:53"]; empty: the system's resolvers
+    interval: float = 3600.0          # seconds between scheduled checks of every address in every zone
+    timeout: float = 5.0              # seconds one lookup (A, then TXT) may take before it is unknown
+    concurrency: int = 50             # lookups in flight at most
+    policy: str = "exclude"           # exclude | warn
 
 
 @dataclass(frozen=True)
@@ -127,6 +147,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     oauth2: OAuth2Config = field(default_factory=OAuth2Config)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
 
 
 def _check_type(path: str, value: Any, default: Any, hint: str, zero_ok: bool = False) -> Any:
@@ -211,6 +232,7 @@ def _validate(config: Config) -> None:
             f"config key network.address_strategy: expected one of {', '.join(ADDRESS_STRATEGIES)}"
         )
     _validate_network(net)
+    _validate_reputation(config.reputation)
     public = urllib.parse.urlsplit(config.api.public_url)
     if public.scheme not in ("http", "https") or not public.hostname or public.query or public.fragment:
         raise ConfigError("config key api.public_url: expected an http(s) URL like https://gateway.example.com")
@@ -277,6 +299,30 @@ def _validate_network(net: NetworkConfig) -> None:
         raise ConfigError(f"config key network.no_proxy: {e}") from None
     if net.connect_attempts > 10:
         raise ConfigError("config key network.connect_attempts: expected 1 to 10")
+    if net.warmup.days > 365:
+        raise ConfigError("config key network.warmup.days: expected 0 (no warm-up) to 365")
+
+
+def _validate_reputation(reputation: ReputationConfig) -> None:
+    """reputation.*: DNSBL zones, name servers, the policy and the bounds of a check run."""
+    from gateway.net.dnsbl import parse_nameservers, parse_zones
+
+    if not isinstance(reputation.zones, (list, tuple)):
+        raise ConfigError("config key reputation.zones: expected a list of {host, name}")
+    try:
+        parse_zones(list(reputation.zones))
+    except ValueError as e:
+        raise ConfigError(f"config key reputation.{e}") from None
+    try:
+        parse_nameservers(reputation.nameservers)
+    except ValueError as e:
+        raise ConfigError(f"config key reputation.nameservers: {e}") from None
+    if reputation.policy not in REPUTATION_POLICIES:
+        raise ConfigError(f"config key reputation.policy: expected one of {', '.join(REPUTATION_POLICIES)}")
+    if reputation.concurrency > 1000:
+        raise ConfigError("config key reputation.concurrency: expected 1 to 1000")
+    if reputation.timeout > 60:
+        raise ConfigError("config key reputation.timeout: expected at most 60 seconds")
 
 
 def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:

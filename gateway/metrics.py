@@ -5,8 +5,8 @@ One module owns them so that the names, labels and help texts are in one place
 the gateway's figures and the process's, not whatever else was imported into
 prometheus_client's global registry.
 
-Labels stay bounded: protocol, result, reason code, cap name, pool state, and
-the local source address (a configured list). Never an account or a client
+Labels stay bounded: protocol, result, reason code, cap name, pool state, the
+local source address (a configured list) and the DNSBL zone (at most 100). Never an account or a client
 address: those go to the log.
 """
 
@@ -85,3 +85,13 @@ OAUTH2_REFRESH_SECONDS = Histogram("gateway_oauth2_refresh_seconds",
 
 # Operations
 CERT_RELOADS = Counter("gateway_tls_reloads_total", "Certificate reloads on SIGHUP, by result", ["result"])
+
+# Source-address reputation and warm-up
+REPUTATION_LISTED = Gauge("gateway_reputation_listed", "Source addresses listed now, by DNSBL zone", ["zone"])
+REPUTATION_CHECKS = Counter("gateway_reputation_checks_total",
+                            "DNSBL lookups (one address in one zone), by result", ["result"])
+REPUTATION_EXCLUDED = Gauge("gateway_reputation_excluded",
+                            "Source addresses listed in some zone and left out of SMTP selection now")
+WARMUP_SHARE = Gauge("gateway_warmup_share",
+                     "Warm-up share of each pool source address: its weight in the picker, 1 when warm",
+                     ["source"])

@@ -29,9 +29,11 @@ from gateway.smtp.protocol import SMTPGatewayFactory
 from gateway.smtp.upstream import SMTP_LEG
 from gateway.net.connector import Connector
 from gateway.net.opener import ClientAddress, Leg, Opened, open_upstream
-from gateway.net.policy import check_configured, configured_addresses
+from gateway.net.policy import NetworkPolicy, check_configured, configured_addresses
 from gateway.net.pool import ClusterLeases, PoolSettings, UpstreamPool
+from gateway.net.reputation import Reputation
 from gateway.session import CLOSE_GRACE, SessionDeps
+from gateway.store.records import AccountRecord
 from gateway.tls import TLS_PREFIXES, ServerTLS, ensure_certificate, listener_endpoint
 
 log = Logger()
@@ -89,7 +91,7 @@ class Core:
             self.connector.policy.settings_changed()
 
     def _opener(self, leg: Leg) -> Any:
-        async def open_for(account: dict[str, Any], client: ClientAddress | None) -> Opened:
+        async def open_for(account: AccountRecord, client: ClientAddress | None) -> Opened:
             return await open_upstream(self, account, leg, client)
         return open_for
 
@@ -237,6 +239,39 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+class SourceHealthService(service.Service):
+    """The DNSBL schedule (`reputation.interval`) and, every minute, a fresh look at the pools: new
+    addresses start warming up and the warm-up metrics move even while no connection asks."""
+
+    MAINTAIN_EVERY = 60.0
+
+    def __init__(self, reactor: Any, policy: NetworkPolicy) -> None:
+        self.reactor = reactor
+        self.policy = policy
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.policy.reputation is not None:
+            self.policy.reputation.start()
+        self._loop = task.LoopingCall(lambda: defer.ensureDeferred(self._maintain()))
+        self._loop.clock = self.reactor
+        self._loop.start(self.MAINTAIN_EVERY, now=True)
+
+    async def _maintain(self) -> None:
+        try:
+            await self.policy.maintain()
+        except Exception:  # the store's trouble: try again in a minute
+            log.failure("Cannot refresh the source-address pools")
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self.policy.reputation is not None:
+            self.policy.reputation.stop()
+
+
 def listen_addresses(config: Config) -> tuple[str, ...]:
     """The specific addresses the client listeners bind (``interface=``), for the certificate's SANs."""
     found: list[str] = []
@@ -258,6 +293,8 @@ def make_core(config: Config, reactor: Any) -> Core:
     ensure_certificate(config.tls.cert, config.tls.key, names=listen_addresses(config))
     store = open_async_store(config, reactor)
     connector = Connector(reactor, config, store)
+    policy = connector.policy
+    policy.reputation = Reputation(reactor, config.reputation, store, policy.source_addresses)
     tokens = TokenSource(store, reactor, connector=connector, margin=config.upstream.refresh_margin,
                          timeout=config.upstream.connect_timeout)
     reactor.callWhenRunning(connector.ehlo.warm, configured_addresses(config.network))
@@ -269,11 +306,13 @@ def make_core(config: Config, reactor: Any) -> Core:
 def make_service(config: Config, reactor: Any) -> service.MultiService:
     """All listeners of the gateway under one MultiService."""
     from gateway.api.app import make_site
+    from gateway.api.dashboard.resource import DashboardOptions
 
     core = make_core(config, reactor)
     top = service.MultiService()
     StoreService(core.store).setServiceParent(top)
     GracefulShutdown(core).setServiceParent(top)  # stops after the listeners, before the store
+    SourceHealthService(reactor, core.connector.policy).setServiceParent(top)
     reactor.callWhenRunning(exit_cleanly_on_sigterm, reactor)  # after Twisted installed its handlers
     reactor.callWhenRunning(reload_on_sighup, reactor, core.server_tls)
 
@@ -299,7 +338,10 @@ def make_service(config: Config, reactor: Any) -> service.MultiService:
     # A Site is a Factory, which provides IProtocolFactory through @implementer: invisible to mypy.
     hosted = HostedAuth(core.store, core.tokens.provider, config.api.public_url, config.oauth2.state_ttl,
                         account_changed=core.account_changed)
+    dashboard = DashboardOptions(public_url=config.api.public_url, session_ttl=config.api.dashboard_session_ttl,
+                                 state_ttl=config.oauth2.state_ttl)
     site = cast(IProtocolFactory, make_site(core.store, core.connections, core.connector.policy,
-                                            account_changed=core.account_changed, hosted=hosted))
+                                            account_changed=core.account_changed, hosted=hosted,
+                                            auth_limits=core.auth_limits, dashboard=dashboard, reactor=reactor))
     Listener(strports.service(config.api.listen, site), "api.listen", config.api.listen).setServiceParent(top)
     return top

@@ -40,6 +40,7 @@ from gateway.net.relay import Coalescer, Coupling, quickack, set_nodelay, tcp_so
 from gateway.net.transport import transport_of
 from gateway.net.upstream import UpstreamError
 from gateway.store.base import StoreError
+from gateway.store.records import AccountRecord
 
 log = Logger()
 
@@ -77,7 +78,7 @@ class TokenChecker(Interface):
     """Checks a client's token and finds its account (the store)."""
 
     def check_login(self, secret: str, scope: str, peer_ip: str | None, account: str
-                    ) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None, str | None]]: ...
+                    ) -> defer.Deferred[tuple[TokenCheck, AccountRecord | None, str | None]]: ...
 
 
 class UpstreamSource(Interface):
@@ -87,7 +88,7 @@ class UpstreamSource(Interface):
     def pooling(self) -> bool:
         """Whether a released connection may serve a later client (else release means close)."""
 
-    async def acquire(self, account: dict[str, Any], client: ClientAddress | None = None) -> Lease: ...
+    async def acquire(self, account: AccountRecord, client: ClientAddress | None = None) -> Lease: ...
 
 
 @dataclass

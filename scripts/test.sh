@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run every test: installs the Debian packages the integration
-# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel, HAProxy, systemd-analyze) when
+# tests start (Dovecot, offlineimap, swaks, Dante, tinyproxy, stunnel, HAProxy, systemd-analyze,
+# Chromium and its WebDriver) when
 # missing, the Python package with its test extras, then runs pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,9 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # systemd-analyze verifies contrib/gateway.service (tests/integration/test_contrib.py).
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# A headless browser for the dashboard tests (tests/integration/test_dashboard.py, Selenium).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"

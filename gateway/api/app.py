@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -20,6 +20,10 @@ from twisted.web import http, resource, server
 from gateway.api.resources import ApiError, Call, Handler, Handlers, Reply
 from gateway.auth.tokens import TokenCheck
 from gateway.store.base import AsyncStore, Conflict, NotFound, ValidationError
+
+if TYPE_CHECKING:
+    from gateway.api.dashboard.resource import DashboardOptions
+    from gateway.limits import AuthLimiter
 
 log = Logger()
 
@@ -129,7 +133,7 @@ class ApiResource(resource.Resource):
                  account_changed: Any = None, hosted: Any = None) -> None:
         super().__init__()
         self.store = store
-        handlers = Handlers(store, connections, network, account_changed, hosted)
+        self.handlers = handlers = Handlers(store, connections, network, account_changed, hosted)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
 
     def render(self, request: server.Request) -> Any:
@@ -239,17 +243,26 @@ def _access_log_line(timestamp: str, request: server.Request) -> str:
 
 
 def make_site(store: AsyncStore, connections: Any = None, network: Any = None,
-              account_changed: Any = None, hosted: Any = None) -> server.Site:
-    """The admin listener as a Twisted Site: the JSON API, and the browser pages of hosted OAuth2
-    authorization under /oauth/ when ``hosted`` (a `gateway.auth.hosted.HostedAuth`) is given.
+              account_changed: Any = None, hosted: Any = None, auth_limits: AuthLimiter | None = None,
+              dashboard: DashboardOptions | None = None, reactor: Any = None) -> server.Site:
+    """The admin listener as a Twisted Site: the JSON API, the browser pages of hosted OAuth2
+    authorization under /oauth/ when ``hosted`` (a `gateway.auth.hosted.HostedAuth`) is given, and the
+    dashboard at / and /dashboard/ (`gateway.api.dashboard`).
 
     `connections` has `.snapshot() -> list[dict]` or is None; `network` is the
     `gateway.net.policy.NetworkPolicy` behind /v1/settings/network, or None;
-    `account_changed(account_id)` is told of every account changed or deleted (pooled upstreams)."""
+    `account_changed(account_id)` is told of every account changed or deleted (pooled upstreams);
+    `auth_limits` is the `gateway.limits.AuthLimiter` that also throttles dashboard sign-ins;
+    `dashboard` its `DashboardOptions` (public URL, session lifetime); `reactor` its clock."""
+    from gateway.api.dashboard.resource import Dashboard
     from gateway.api.oauth_web import OAuthWeb, Root
 
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+        reactor = default_reactor
     api = ApiResource(store, connections, network, account_changed, hosted)
-    root = Root(api, OAuthWeb(hosted) if hosted is not None else None)
+    pages = Dashboard(api.handlers, store, reactor, auth_limits, dashboard)
+    root = Root(api, OAuthWeb(hosted) if hosted is not None else None, pages)
     site = server.Site(root, requestFactory=LimitedRequest, timeout=REQUEST_TIMEOUT, logFormatter=_access_log_line)
     site.displayTracebacks = False
     site.noisy = False

@@ -90,17 +90,24 @@ class OAuthWeb(resource.Resource):
 
 
 class Root(resource.Resource):
-    """The admin listener: ``/oauth/...`` for browsers, everything else is the JSON API."""
+    """The admin listener: ``/oauth/...`` and the dashboard (``/`` and ``/dashboard/...``) for browsers,
+    everything else is the JSON API."""
 
-    def __init__(self, api: resource.Resource, oauth: resource.Resource | None) -> None:
+    def __init__(self, api: resource.Resource, oauth: resource.Resource | None,
+                 dashboard: resource.Resource | None = None) -> None:
         super().__init__()
         self.api = api
+        self.dashboard = dashboard
         if oauth is not None:
             self.putChild(b"oauth", cast(IResource, oauth))  # @implementer, invisible to mypy
+        if dashboard is not None:
+            self.putChild(b"dashboard", cast(IResource, dashboard))
 
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        if path == b"" and not request.postpath and self.dashboard is not None:
+            return self.dashboard  # "/" itself: the dashboard's home page
         request.postpath.insert(0, request.prepath.pop())  # the API routes on the whole path
         return self.api
 
-    def render(self, request: server.Request) -> Any:  # "/" itself
-        return self.api.render(request)
+    def render(self, request: server.Request) -> Any:  # "" (no path at all)
+        return (self.dashboard or self.api).render(request)

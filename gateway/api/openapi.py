@@ -18,6 +18,8 @@ from typing import Any
 from gateway.api.app import MAX_BODY
 from gateway.auth.tokens import SCOPES
 from gateway.net.addresses import STRATEGIES
+from gateway.net.dnsbl import MAX_ZONES
+from gateway.net.warmup import ACTIONS as WARMUP_ACTIONS
 from gateway.store.validation import _READ_ONLY, GRANTS, MAX_TIMESTAMP, PROVIDERS, PROXY_SCHEMES
 
 Schema = dict[str, Any]
@@ -248,8 +250,14 @@ def _schemas() -> dict[str, Schema]:
             "poolLevel": {"type": "string", "enum": ["account", "domain", "default", "account localAddress"]},
             "localAddress": {"type": ["string", "null"]},
             "localAddressIPv6": {"type": ["string", "null"]},
+            "smtpLocalAddress": {"type": ["string", "null"],
+                                 "description": "static: the address its SMTP connections leave from (another "
+                                                "than localAddress when that one is excluded)."},
+            "excluded": _strings(description="Addresses of its pool (or its localAddress) listed on a DNSBL "
+                                             "and left out of SMTP (reputation.policy exclude)."),
             "proxy": {"type": ["string", "null"], "description": "Masked: no password."},
-        }, ("addressStrategy", "pool", "poolLevel", "localAddress", "localAddressIPv6", "proxy"),
+        }, ("addressStrategy", "pool", "poolLevel", "localAddress", "localAddressIPv6", "smtpLocalAddress",
+            "excluded", "proxy"),
             description="How this account's upstream connections leave the machine."),
         "AccountError": _object({
             "error": {"type": "string"},
@@ -328,10 +336,58 @@ def _schemas() -> dict[str, Schema]:
                                "description": "A strategy name or a list of {if, then} / {else} rules."},
                 "proxy": {"type": ["string", "null"]},
                 "noProxy": _strings(),
-            }, ("addressStrategy", "localAddresses", "domainPools", "ipStrategy", "proxy", "noProxy")),
-        }, ("addressStrategy", "localAddresses", "domainPools", "accountPools", "effective", "config"),
+                "warmup": _object({"days": {"type": "integer", "minimum": 0}}, ("days",)),
+            }, ("addressStrategy", "localAddresses", "domainPools", "ipStrategy", "proxy", "noProxy", "warmup")),
+            "warmup": {"type": "object", "additionalProperties": _ref("WarmupState"),
+                       "description": "Every pool address: its warm-up."},
+        }, ("addressStrategy", "localAddresses", "domainPools", "accountPools", "effective", "config", "warmup"),
             description="The stored overrides (null: gateway.yaml's), gateway.yaml's values and the "
                         "effective ones."),
+        "WarmupState": _object({
+            "started": {"type": ["string", "null"], "description": "When its warm-up started (ISO 8601 UTC); "
+                                                                  "null: warm (or warm-up off)."},
+            "share": {"type": "number", "minimum": 0, "maximum": 1,
+                      "description": "Its weight in the address picker: 1/days at first, 1 when warm."},
+        }, ("started", "share")),
+        "WarmupInput": _object({
+            "address": {"type": "string", "description": "A pool address."},
+            "action": {"type": "string", "enum": list(WARMUP_ACTIONS),
+                       "description": "restart: the ramp starts again now; skip: warm at once."},
+        }, ("address", "action")),
+        "Warmup": _object({
+            "address": {"type": "string"},
+            "started": {"type": ["string", "null"]},
+            "share": {"type": "number", "minimum": 0, "maximum": 1},
+        }, ("address", "started", "share")),
+        # Reputation
+        "ZoneInput": _object({
+            "host": {"type": "string", "minLength": 1,
+                     "description": "The DNSBL zone, e.g. zen.spamhaus.org (ASCII, at least two labels)."},
+            "name": {"type": ["string", "null"], "description": "What people call it (default: host)."},
+        }, ("host",)),
+        "Zone": _object({"host": {"type": "string"}, "name": {"type": "string"}}, ("host", "name")),
+        "ZonesInput": _object({
+            "zones": {"anyOf": [{"type": "array", "items": _ref("ZoneInput"), "maxItems": MAX_ZONES},
+                                {"type": "null"}],
+                      "description": "The new list (hosts unique); null: gateway.yaml's reputation.zones."},
+        }, ("zones",)),
+        "Zones": _object({"zones": {"type": "array", "items": _ref("Zone")}}, ("zones",)),
+        "CheckInput": _object({
+            "address": {"type": ["string", "null"],
+                        "description": "A source address (pool or account localAddress); omitted: all."},
+            "zone": {"type": ["string", "null"], "description": "A configured zone's host; omitted: all."},
+        }),
+        "ReputationResult": _object({
+            "address": {"type": "string"},
+            "zone": {"type": "string"},
+            "listed": {"type": ["boolean", "null"], "description": "null: unknown (timeout, SERVFAIL, an error "
+                                                                   "code of the zone), never clean."},
+            "code": {"type": ["string", "null"], "description": "The A answer(s), e.g. 127.0.0.2."},
+            "reason": {"type": ["string", "null"], "description": "Listed: the TXT record; unknown: why."},
+            "checked": _TIMESTAMP,
+        }, ("address", "zone", "listed", "code", "reason", "checked")),
+        "ReputationResults": _object({"results": {"type": "array", "items": _ref("ReputationResult")}},
+                                     ("results",)),
         # Live sessions
         "Connection": _object({
             "id": {"type": "integer"},
@@ -505,6 +561,12 @@ def _paths() -> dict[str, Any]:
             "put": _operation("putNetworkSettings", "Settings", "Change source-address pools", _ok(
                 "The new network settings.", _ref("NetworkSettings")), ("404",), body="NetworkSettingsInput"),
         },
+        "/v1/settings/network/warmup": {
+            "post": _operation("postNetworkWarmup", "Settings", "Restart or skip an address's warm-up", _ok(
+                "Its warm-up now.", _ref("Warmup")), ("404",), body="WarmupInput",
+                description="404 when the address is in no pool; 400 when warm-up is off."),
+        },
+        **_reputation_paths(),
         "/v1/connections": {
             "get": _operation("getConnections", "Connections", "Live relayed sessions", _ok(
                 "The live sessions (an account-bound token sees its account's only).",
@@ -528,6 +590,48 @@ def _paths() -> dict[str, Any]:
         "/openapi.json": {
             "get": _operation("getOpenApi", "Operations", "This document", _ok(
                 "The OpenAPI 3.1 document of this API.", {"type": "object"}), (), auth=False),
+        },
+    }
+
+
+def _reputation_paths() -> dict[str, Any]:
+    csv_body = {"type": "string", "description": "Rows rbl_hostname,rbl_name (header line optional)."}
+    check = _operation("postReputationCheck", "Reputation", "Check source addresses on DNSBLs now", _ok(
+        "The results of this check, when every lookup has answered or timed out.", _ref("ReputationResults")),
+        ("404",), body="CheckInput",
+        description="No body (or {}): every source address in every zone. 404: an address that is no source "
+                    "address of this gateway, or a zone that is not configured.")
+    check["requestBody"]["required"] = False
+    import_csv = _operation("postReputationZonesCsv", "Reputation", "Import DNSBL zones from CSV", _ok(
+        "Imported: the zones now in use.", _object({"imported": {"type": "integer", "minimum": 0},
+                                                    "zones": {"type": "array", "items": _ref("Zone")}},
+                                                   ("imported", "zones"))),
+        ("404",), body="Zones", params=[{
+            "name": "replace", "in": "query", "required": False,
+            "description": "true: the file replaces the list; default: rows add zones or rename those with "
+                           "the same host.",
+            "schema": {"type": "string",
+                       "pattern": "^([Tt][Rr][Uu][Ee]|[Yy][Ee][Ss]|1|[Ff][Aa][Ll][Ss][Ee]|[Nn][Oo]|0)?$"}}],
+        description="Any bad row is a 400 whose message names each bad line; then nothing is imported.")
+    import_csv["requestBody"] = {"required": True, "content": {"text/csv": {"schema": csv_body}}}
+    return {
+        "/v1/reputation": {
+            "get": _operation("getReputation", "Reputation", "DNSBL results of the source addresses", _ok(
+                "The last result of every source address in every zone.", _ref("ReputationResults")), ("404",)),
+        },
+        "/v1/reputation/check": {"post": check},
+        "/v1/reputation/zones": {
+            "get": _operation("getReputationZones", "Reputation", "DNSBL zones", _ok(
+                "The zones in use (set here, else gateway.yaml's).", _ref("Zones")), ("404",)),
+            "put": _operation("putReputationZones", "Reputation", "Replace the DNSBL zones", _ok(
+                "The zones now in use; new ones are checked at once, in the background.", _ref("Zones")),
+                ("404",), body="ZonesInput"),
+        },
+        "/v1/reputation/zones.csv": {
+            "get": _operation("getReputationZonesCsv", "Reputation", "DNSBL zones as CSV", {
+                "description": "rbl_hostname,rbl_name with a header line.",
+                "content": {"text/csv": {"schema": {"type": "string"}}}}, ("404",)),
+            "post": import_csv,
         },
     }
 
@@ -557,7 +661,7 @@ def build() -> dict[str, Any]:
                  "license": {"name": "MIT", "identifier": "MIT"}},
         "security": [{"bearer": []}],
         "tags": [{"name": name} for name in ("OAuth2 Applications", "Account", "Access Tokens", "Settings",
-                                             "Connections", "Operations")],
+                                             "Reputation", "Connections", "Operations")],
         "paths": _paths(),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",

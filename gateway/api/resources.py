@@ -216,7 +216,7 @@ class Handlers:
         """DELETE /v1/account/{id} -> {account, deleted: true} (its tokens go too)"""
         account_id = call.params["id"]
         call.require_account(account_id)
-        account = await self.store.get_account(account_id, with_secrets=True) if self.hosted else None
+        account = await self.store.login_account(account_id) if self.hosted else None
         if not await self.store.delete_account(account_id):
             raise NotFound(f"account {account_id} not found")
         self.account_changed(account_id)
@@ -358,7 +358,9 @@ class Handlers:
 
     def routes(self) -> list[tuple[str, str, Handler, bool]]:
         """(method, path pattern, handler, needs auth) for the router."""
-        return [
+        from gateway.api.reputation import ReputationApi  # it imports this module
+
+        return ReputationApi(self.network).routes() + [
             ("POST", "/v1/oauth2", self.create_app, True),
             ("GET", "/v1/oauth2", self.list_apps, True),
             ("GET", "/v1/oauth2/{id}", self.get_app, True),

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from gateway.auth.provider import ProviderClient, ProviderError, authorization_url
 from gateway.store.base import Conflict, NotFound, ValidationError
+from gateway.store.records import AccountRecord, AppRecord
 from gateway.store.validation import validate_account_id, validate_url
 
 log = Logger()
@@ -68,13 +69,13 @@ class HostedAuth:
         app_id = form.get("oauth2App")
         if not isinstance(app_id, str) or not app_id:
             raise ValidationError("oauth2App is required: the id of a registered OAuth2 app")
-        app = await self.store.get_app(app_id)
+        app: AppRecord | None = await self.store.app_record(app_id)
         if app is None:
             raise ValidationError(f"oauth2App {app_id!r} is not a registered OAuth2 app")
-        if (app.get("grant") or "authorizationCode") != "authorizationCode":
-            raise ValidationError(f"OAuth2 app {app_id} uses {app['grant']}: its accounts need no consent, "
+        if app.grant != "authorizationCode":
+            raise ValidationError(f"OAuth2 app {app_id} uses {app.grant}: its accounts need no consent, "
                                   "create them with POST /v1/account")
-        if not app.get("authorizationUrl"):
+        if not app.authorization_url:
             raise ValidationError(f"OAuth2 app {app_id} has no authorizationUrl")
         email = form.get("email")
         if email is not None and (not isinstance(email, str) or "@" not in email or len(email) > 320):
@@ -94,7 +95,7 @@ class HostedAuth:
     async def open_link(self, request_id: str) -> str:
         """The provider URL the browser goes to (the link works once)."""
         request = await self._take(request_id, "opened")
-        app = await self.store.get_app(request["app"])
+        app = await self.store.app_record(request["app"])
         if app is None:
             raise HostedError("The OAuth2 app of this link was deleted.")
         state = request_id + "." + self._sign(await self.store.state_key(), request_id)
@@ -116,7 +117,7 @@ class HostedAuth:
         code = query.get("code")
         if not code:
             raise HostedError("The provider sent no authorization code; start again from a new link.")
-        app = await self.store.get_app(request["app"], with_secret=True)
+        app = await self.store.app_record(request["app"])
         if app is None:
             raise HostedError("The OAuth2 app of this link was deleted.")
         try:
@@ -165,24 +166,23 @@ class HostedAuth:
             redirect = urllib.parse.urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
         return account_id, email, redirect
 
-    async def revoke(self, account: dict[str, Any]) -> None:
+    async def revoke(self, account: AccountRecord) -> None:
         """A deleted account's refresh token is revoked at the provider when it has an endpoint for
         it (Google does, Microsoft does not); a failure is logged, the deletion stands."""
-        oauth = account.get("oauth2") or {}
-        refresh = oauth.get("refreshToken")
-        if not refresh:
+        refresh = account.oauth2.refresh_token if account.oauth2 is not None else None
+        if account.oauth2 is None or not refresh:
             return
-        app = await self.store.get_app(oauth.get("provider"), with_secret=True)
-        if app is None or not app.get("revocationUrl"):
+        app = await self.store.app_record(account.oauth2.app)
+        if app is None or not app.revocation_url:
             return
         try:
             await self.provider.revoke(app, refresh, "refresh_token")
         except ProviderError as e:
             log.warn("Revoking the OAuth2 grant of deleted account {account} failed: {why}",
-                     account=account["account"], why=str(e))
+                     account=account.id, why=str(e))
             return
         log.info("Revoked the OAuth2 grant of deleted account {account} at the provider",
-                 event="oauth2.revoke", account=account["account"])
+                 event="oauth2.revoke", account=account.id)
 
     async def _take(self, request_id: str, step: str) -> dict[str, Any]:
         try:

@@ -17,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+
+from gateway.store.records import Routing
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -42,7 +44,7 @@ class Response:
 class _ConnectorEndpoint:
     """An endpoint that connects through the gateway's Connector (route, proxy, verified TLS)."""
 
-    def __init__(self, connector: Any, host: str, port: int, tls: bool, account: dict[str, Any] | None) -> None:
+    def __init__(self, connector: Any, host: str, port: int, tls: bool, account: Routing | None) -> None:
         self._connector = connector
         self._host, self._port, self._tls, self._account = host, port, tls, account
 
@@ -56,7 +58,7 @@ class _ConnectorEndpoint:
 
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
-    def __init__(self, connector: Any, account: dict[str, Any] | None) -> None:
+    def __init__(self, connector: Any, account: Routing | None) -> None:
         self._connector = connector
         self._account = account
 
@@ -101,7 +103,7 @@ def host_port(url: str) -> str:
 
 
 async def request(reactor: Any, connector: Any, method: str, url: str, *, timeout: float,
-                  body: str | None = None, account: dict[str, Any] | None = None,
+                  body: str | None = None, account: Routing | None = None,
                   headers: dict[str, str] | None = None) -> Response:
     """One HTTP request through the gateway's connector; the whole exchange within ``timeout``.
 
@@ -135,7 +137,7 @@ async def request(reactor: Any, connector: Any, method: str, url: str, *, timeou
 
 
 async def post_form(reactor: Any, connector: Any, url: str, body: str, *, timeout: float,
-                    account: dict[str, Any] | None = None,
+                    account: Routing | None = None,
                     headers: dict[str, str] | None = None) -> Response:
     """POST an application/x-www-form-urlencoded ``body`` to ``url``; the whole exchange within ``timeout``."""
     return await request(reactor, connector, "POST", url, timeout=timeout, body=body, account=account,

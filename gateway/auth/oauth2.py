@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 
 from gateway.auth.provider import GRANT_GONE, ProviderClient, ProviderError
 from gateway.metrics import OAUTH2_REFRESH_SECONDS, OAUTH2_REFRESHES
+from gateway.store.records import AccountRecord, AppRecord
 
 log = Logger()
 
@@ -26,11 +27,11 @@ class RefreshError(Exception):
 REAUTHORIZE = "OAuth2 authorization for this account was revoked or expired; re-authorize it"
 
 
-def needs_reauthorization(account: dict[str, Any]) -> bool:
+def needs_reauthorization(account: AccountRecord) -> bool:
     """The account's grant was refused as revoked or expired (its state says so): asking the
     provider again is pointless until someone re-authorizes it."""
-    error = account.get("lastError") or {}
-    return account.get("state") == "authenticationError" and error.get("error") in GRANT_GONE
+    return (account.state == "authenticationError" and account.last_error is not None
+            and account.last_error.error in GRANT_GONE)
 
 
 class TokenSource:
@@ -48,19 +49,21 @@ class TokenSource:
         self.refreshes = 0
         self.provider = ProviderClient(reactor, connector, timeout)
 
-    async def access_token(self, account: dict[str, Any], force: bool = False) -> str:
+    async def access_token(self, account: AccountRecord, force: bool = False, stale: str | None = None) -> str:
         """A usable access token for ``account`` (a record with secrets).
 
         An account whose grant was refused as revoked or expired gets :data:`REAUTHORIZE` at
         once, without asking the provider, until it is re-authorized."""
         if needs_reauthorization(account):
             raise RefreshError(REAUTHORIZE)
-        oauth = account.get("oauth2") or {}
-        token = oauth.get("accessToken")
-        expires = oauth.get("expires") or 0
-        if token and not force and float(expires) - self._margin > self._clock():
-            return str(token)
-        return await self._refresh_shared(account["account"], str(token) if token else None)
+        grant = account.oauth2
+        token = grant.access_token if grant is not None else None
+        expires = grant.expires if grant is not None else 0.0
+        if token and not force and expires - self._margin > self._clock():
+            return token
+        if stale is None and token:
+            stale = token  # the one we have is not good enough: another gateway's would be
+        return await self._refresh_shared(account.id, stale)
 
     def _refresh_shared(self, account_id: str, stale: str | None = None) -> defer.Deferred[str]:
         """One refresh per account in this process (later askers wait for it) and, through the
@@ -107,35 +110,36 @@ class TokenSource:
 
     async def _fresh_in_store(self, account_id: str, stale: str | None) -> str | None:
         """An access token another gateway stored meanwhile (not ``stale``, not about to expire)."""
-        account = await self._store.get_account(account_id, with_secrets=True)
-        oauth = (account or {}).get("oauth2") or {}
-        token = oauth.get("accessToken")
-        if token and token != stale and float(oauth.get("expires") or 0) - self._margin > self._clock():
-            return str(token)
+        account: AccountRecord | None = await self._store.login_account(account_id)
+        grant = account.oauth2 if account is not None else None
+        if grant is not None and grant.access_token and grant.access_token != stale and \
+                grant.expires - self._margin > self._clock():
+            return grant.access_token
         return None
 
     async def _refresh(self, account_id: str) -> str:
         # Re-read under the lock: the refresh token may have been rotated by another gateway.
-        account = await self._store.get_account(account_id, with_secrets=True)
+        account: AccountRecord | None = await self._store.login_account(account_id)
         if account is None:
             raise RefreshError("account no longer exists")
-        oauth = account.get("oauth2") or {}
-        app = await self._store.get_app(oauth.get("provider"), with_secret=True)
-        if app is None or not app.get("tokenUrl"):
+        if account.oauth2 is None:
+            raise RefreshError("account has no OAuth2 settings")
+        app: AppRecord | None = await self._store.app_record(account.oauth2.app)
+        if app is None or not app.token_url:
             raise RefreshError("account's OAuth2 app is missing or has no token URL")
-        grant = app.get("grant") or "authorizationCode"
-        refresh_token = oauth.get("refreshToken")
+        grant = app.grant
+        refresh_token = account.oauth2.refresh_token
         if grant == "authorizationCode" and not refresh_token:
             raise RefreshError("account has no OAuth2 refresh token: authorize it (POST /v1/authentication/form)")
         started = self._clock()
         try:
             if grant == "serviceAccount":
-                subject = (oauth.get("auth") or {}).get("user") or account.get("email") or ""
-                token = await self.provider.jwt_bearer(app, account, subject)
+                subject = account.oauth2.user or account.email
+                token = await self.provider.jwt_bearer(app, account.routing, subject)
             elif grant == "clientCredentials":
-                token = await self.provider.client_credentials(app, account)
+                token = await self.provider.client_credentials(app, account.routing)
             else:
-                token = await self.provider.refresh(app, account, str(refresh_token))
+                token = await self.provider.refresh(app, account.routing, str(refresh_token))
         except ProviderError as e:
             OAUTH2_REFRESHES.labels("fail").inc()
             OAUTH2_REFRESH_SECONDS.observe(self._clock() - started)

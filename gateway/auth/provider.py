@@ -30,6 +30,7 @@ from authlib.oauth2.rfc7009.parameters import prepare_revoke_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from gateway.auth.http import HTTPError, host_port, request
+from gateway.store.records import AppRecord, Routing
 
 with warnings.catch_warnings():  # authlib.jose works; its successor (joserfc) is not a dependency
     warnings.simplefilter("ignore")
@@ -91,22 +92,22 @@ def _error_from(url: str, status: int, body: bytes) -> ProviderError | None:
     return None
 
 
-def scope_of(app: dict[str, Any]) -> str | None:
-    return " ".join(app.get("scopes") or []) or None
+def scope_of(app: AppRecord) -> str | None:
+    return " ".join(app.scopes) or None
 
 
-def authorization_url(app: dict[str, Any], redirect_uri: str, state: str, verifier: str,
+def authorization_url(app: AppRecord, redirect_uri: str, state: str, verifier: str,
                       login_hint: str | None = None) -> str:
     """Where to send the user's browser: the app's authorization URL with its client ID, scopes,
     ``state``, the PKCE S256 challenge of ``verifier`` and the provider's extra parameters
     (Google: ``access_type=offline&prompt=consent``)."""
-    extra: dict[str, str] = dict(app.get("authorizationParams") or {})
+    extra: dict[str, str] = dict(app.authorization_params)
     if login_hint:
         extra["login_hint"] = login_hint
-    scopes = list(app.get("scopes") or [])
-    scopes += [s for s in app.get("identityScopes") or [] if s not in scopes]  # who consents
+    scopes = list(app.scopes)
+    scopes += [s for s in app.identity_scopes if s not in scopes]  # who consents
     return str(prepare_grant_uri(
-        app["authorizationUrl"], app["clientId"], "code", redirect_uri=redirect_uri, scope=" ".join(scopes) or None,
+        app.authorization_url or "", app.client_id, "code", redirect_uri=redirect_uri, scope=" ".join(scopes) or None,
         state=state, code_challenge=create_s256_code_challenge(verifier), code_challenge_method="S256",
         **extra))
 
@@ -120,7 +121,7 @@ class ProviderClient:
         self.timeout = timeout
 
     async def _send(self, method: str, url: str, *, body: str | None = None, headers: dict[str, str] | None = None,
-                    account: dict[str, Any] | None = None) -> tuple[int, bytes]:
+                    account: Routing | None = None) -> tuple[int, bytes]:
         try:
             response = await request(self.reactor, self.connector, method, url, timeout=self.timeout, body=body,
                                      account=account, headers=headers)
@@ -128,12 +129,12 @@ class ProviderClient:
             raise ProviderError(str(e)) from None
         return response.status, response.body
 
-    async def _token(self, app: dict[str, Any], body: str, account: dict[str, Any] | None,
+    async def _token(self, app: AppRecord, body: str, account: Routing | None,
                      client_auth: bool = True) -> dict[str, Any]:
-        url = app["tokenUrl"]
+        url = app.token_url
         headers: dict[str, str] = {}
         if client_auth:
-            url, headers, body = ClientAuth(app["clientId"], app.get("clientSecret"), "client_secret_post").prepare(
+            url, headers, body = ClientAuth(app.client_id, app.client_secret, "client_secret_post").prepare(
                 "POST", url, headers, body)
         status, payload = await self._send("POST", url, body=body, headers=dict(headers), account=account)
         error = _error_from(url, status, payload)
@@ -144,64 +145,64 @@ class ProviderClient:
             raise ProviderError(f"{host_port(url)} answered without an access_token")
         return token
 
-    async def exchange_code(self, app: dict[str, Any], code: str, verifier: str, redirect_uri: str,
-                            account: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def exchange_code(self, app: AppRecord, code: str, verifier: str, redirect_uri: str,
+                            account: Routing | None = None) -> dict[str, Any]:
         """The authorization code grant, with the PKCE verifier."""
         body = prepare_token_request("authorization_code", code=code, redirect_uri=redirect_uri,
                                      code_verifier=verifier)
         return await self._token(app, body, account)
 
-    async def refresh(self, app: dict[str, Any], account: dict[str, Any], refresh_token: str) -> dict[str, Any]:
+    async def refresh(self, app: AppRecord, account: Routing, refresh_token: str) -> dict[str, Any]:
         """The refresh_token grant (the answer may carry a rotated refresh token)."""
         body = prepare_token_request("refresh_token", refresh_token=refresh_token, scope=scope_of(app))
         return await self._token(app, body, account)
 
-    async def client_credentials(self, app: dict[str, Any], account: dict[str, Any]) -> dict[str, Any]:
+    async def client_credentials(self, app: AppRecord, account: Routing) -> dict[str, Any]:
         """Microsoft 365 application access: a token for the app, valid for the mailboxes an
         Exchange administrator granted it."""
         body = prepare_token_request("client_credentials", scope=scope_of(app))
         return await self._token(app, body, account)
 
-    async def jwt_bearer(self, app: dict[str, Any], account: dict[str, Any], subject: str) -> dict[str, Any]:
+    async def jwt_bearer(self, app: AppRecord, account: Routing, subject: str) -> dict[str, Any]:
         """A Google service account with domain-wide delegation acting as ``subject`` (the mailbox):
         an assertion signed with the service account's key, no client secret."""
         now = int(time.time())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assertion = JWTBearerGrant.sign(
-                app["serviceKey"], issuer=app["serviceClientEmail"], audience=app["tokenUrl"], subject=subject,
+                app.service_key, issuer=app.service_client_email, audience=app.token_url, subject=subject,
                 issued_at=now, expires_at=now + ASSERTION_LIFETIME, claims={"scope": scope_of(app) or ""},
                 header={"alg": "RS256", "typ": "JWT"})
         text = assertion.decode("ascii") if isinstance(assertion, bytes) else str(assertion)
         body = prepare_token_request(JWT_BEARER, assertion=text)
         return await self._token(app, body, account, client_auth=False)
 
-    async def revoke(self, app: dict[str, Any], token: str, hint: str = "refresh_token") -> None:
+    async def revoke(self, app: AppRecord, token: str, hint: str = "refresh_token") -> None:
         """Revoke a token where the provider has an endpoint for it (RFC 7009); a no-op otherwise."""
-        url = app.get("revocationUrl")
+        url = app.revocation_url
         if not url:
             return
         body, headers = prepare_revoke_token_request(token, hint)
-        url, headers, body = ClientAuth(app["clientId"], app.get("clientSecret"), "client_secret_post").prepare(
+        url, headers, body = ClientAuth(app.client_id, app.client_secret, "client_secret_post").prepare(
             "POST", url, dict(headers), body)
         status, payload = await self._send("POST", url, body=body, headers=dict(headers))
         if status >= 400:
             error = _error_from(url, status, payload)
             raise error or ProviderError(f"HTTP {status}")
 
-    async def identity(self, app: dict[str, Any], token: dict[str, Any]) -> dict[str, Any]:
+    async def identity(self, app: AppRecord, token: dict[str, Any]) -> dict[str, Any]:
         """Who consented: ``{"email", "sub"}`` from the ID token (signature checked with the
         provider's published keys, issuer and audience checked), else from userinfo."""
         id_token = token.get("id_token")
-        if id_token and app.get("jwksUrl"):
+        if id_token and app.jwks_url:
             claims = await self._id_token_claims(app, str(id_token))
             email = claims.get("email") or claims.get("preferred_username") or claims.get("upn")
             if email:
                 return {"email": str(email), "sub": str(claims.get("sub") or "")}
-        if app.get("userinfoUrl"):
-            status, payload = await self._send("GET", app["userinfoUrl"],
+        if app.userinfo_url:
+            status, payload = await self._send("GET", app.userinfo_url,
                                                headers={"Authorization": f"Bearer {token['access_token']}"})
-            error = _error_from(app["userinfoUrl"], status, payload)
+            error = _error_from(app.userinfo_url, status, payload)
             if error is not None:
                 raise error
             data = json.loads(payload)
@@ -210,12 +211,13 @@ class ProviderClient:
         raise ProviderError("the provider did not say which address was authorized (no email in the ID token "
                             "or userinfo): give email in the form")
 
-    async def _id_token_claims(self, app: dict[str, Any], id_token: str) -> dict[str, Any]:
-        status, payload = await self._send("GET", app["jwksUrl"])
+    async def _id_token_claims(self, app: AppRecord, id_token: str) -> dict[str, Any]:
+        assert app.jwks_url is not None
+        status, payload = await self._send("GET", app.jwks_url)
         if status != 200:
-            raise ProviderError(f"{host_port(app['jwksUrl'])} answered HTTP {status} for its keys")
-        options: dict[str, Any] = {"aud": {"essential": True, "value": app["clientId"]}}
-        issuer = app.get("issuer")
+            raise ProviderError(f"{host_port(app.jwks_url)} answered HTTP {status} for its keys")
+        options: dict[str, Any] = {"aud": {"essential": True, "value": app.client_id}}
+        issuer = app.issuer
         if issuer and "{" not in issuer:
             # Google's ID tokens say https://accounts.google.com or accounts.google.com: either form is it.
             bare = issuer.split("://", 1)[-1]

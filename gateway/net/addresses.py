@@ -9,6 +9,12 @@ Strategies (`network.address_strategy`):
   only the accounts that now score it highest;
 - `random`: a fresh pick for every connection.
 
+Both `static` and `random` take optional weights (warm-up, `gateway.net.warmup`):
+an address of weight w gets about w / (sum of the weights) of the accounts or
+connections. Weighted rendezvous hashing scores ``w / -ln(u)``, u the hash as a
+fraction in (0, 1): with every weight 1 it picks what the plain hash picks, and
+raising one address's weight only moves accounts to that address.
+
 Pools mix IPv4 and IPv6; a pick only considers the addresses of the family of
 the address being connected to. When a pool has none of that family the
 operating system chooses.
@@ -17,9 +23,10 @@ operating system chooses.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import socket
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import netaddr
 
@@ -85,11 +92,19 @@ def rendezvous_score(key: str, address: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def rendezvous(key: str, pool: Sequence[str]) -> str | None:
-    """The address of ``pool`` that ``key`` scores highest (ties: the smaller address text)."""
+def rendezvous(key: str, pool: Sequence[str], weights: Mapping[str, float] | None = None) -> str | None:
+    """The address of ``pool`` that ``key`` scores highest (ties: the smaller address text); with
+    ``weights`` (missing: 1), weighted rendezvous hashing."""
     if not pool:
         return None
-    return max(pool, key=lambda address: (rendezvous_score(key, address), address))
+    if not weights or all(weights.get(address, 1.0) == 1.0 for address in pool):
+        return max(pool, key=lambda address: (rendezvous_score(key, address), address))
+
+    def weighted(address: str) -> tuple[float, str]:
+        fraction = (rendezvous_score(key, address) + 0.5) / 2.0 ** 64  # in (0, 1)
+        return weights.get(address, 1.0) / -math.log(fraction), address
+
+    return max(pool, key=weighted)
 
 
 def of_family(pool: Sequence[str], family: int) -> list[str]:
@@ -97,7 +112,7 @@ def of_family(pool: Sequence[str], family: int) -> list[str]:
 
 
 def pick(strategy: str, pool: Sequence[str], key: str, family: int,
-         rng: random.Random | None = None) -> str | None:
+         rng: random.Random | None = None, weights: Mapping[str, float] | None = None) -> str | None:
     """The source address for one connection of ``family``, or None to let the OS choose."""
     if strategy == "default":
         return None
@@ -105,5 +120,7 @@ def pick(strategy: str, pool: Sequence[str], key: str, family: int,
     if not candidates:
         return None
     if strategy == "random":
+        if weights and any(address in weights for address in candidates):
+            return (rng or random).choices(candidates, [weights.get(a, 1.0) for a in candidates])[0]
         return (rng or random).choice(candidates)
-    return rendezvous(key, candidates)
+    return rendezvous(key, candidates, weights)

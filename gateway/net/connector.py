@@ -29,6 +29,7 @@ from gateway.net.addresses import family_of, normalize_pool
 from gateway.net.ehlo import EhloNames
 from gateway.net.httpconnect import ConnectClient
 from gateway.net.ipstrategy import IPV4, IPV6, parse_strategy
+from gateway.store.records import Routing
 from gateway.net.policy import NetworkPolicy, Plan
 from gateway.net.proxy import Handshake, ProxySpec
 from gateway.net.socks import Socks4Client, Socks5Client
@@ -121,18 +122,19 @@ class Connector:
         return self.ehlo.name_for(route.source)
 
     async def connect(self, host: str, port: int, factory: IProtocolFactory, *, tls: bool,
-                      account: dict[str, Any] | None = None) -> tuple[IProtocol, Route]:
+                      account: Routing | None = None, purpose: str = "imap") -> tuple[IProtocol, Route]:
         """Connect to ``host:port``; with ``tls`` the connection is implicit TLS, verified.
+        ``purpose`` ("imap", "smtp", "oauth2") picks the source address: SMTP avoids listed ones.
 
         Raises ProxyError (`proxy: ...`, safe to show) when a proxy refuses or
         cannot be reached, else Twisted's ConnectError / DNSLookupError.
         """
         try:
-            plan = await self.policy.plan(account, host)
+            plan = await self.policy.plan(account, host, purpose)
         except ValueError as e:  # a stored proxy URL that no longer parses
             raise ProxyError(f"invalid proxy URL: {e}") from None
         deadline = self._clock() + self._timeout
-        who = (account or {}).get("account", "-")
+        who = account.account if account is not None and account.account else "-"
         via = f" via {plan.proxy.masked}" if plan.proxy else ""
         last: Exception | None = None
         for retry_num in range(self._attempts):

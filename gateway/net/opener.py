@@ -20,6 +20,7 @@ from gateway.auth.oauth2 import RefreshError
 from gateway.metrics import UPSTREAM_CONNECT_SECONDS, UPSTREAM_LOGIN_SECONDS
 from gateway.metrics import UPSTREAM_TLS_HANDSHAKES as TLS_HANDSHAKES
 from gateway.net.connector import ProxyError, Route
+from gateway.store.records import AccountRecord, AppRecord, Server
 from gateway.net.upstream import (Credentials, OAuth2Unavailable, ProviderThrottled, ResponseReader,
                                   UpstreamAuthError, UpstreamError)
 
@@ -66,38 +67,40 @@ class Opened:
     route: Route
 
 
-async def target_for(core: Any, account: dict[str, Any], leg: Leg) -> Target:
+async def target_for(core: Any, account: AccountRecord, leg: Leg) -> Target:
     """The account's server for ``leg``: its own settings, else its OAuth2 app's."""
-    settings = account.get(leg.name) or {}
-    if not settings.get("host") and account.get("oauth2"):
-        app = await core.store.get_app(account["oauth2"].get("provider"))
-        settings = {**((app or {}).get(leg.name) or {}), **settings}
-    if not settings.get("host"):
+    server = account.server(leg.name) or Server()
+    if not server.host and account.oauth2 is not None:
+        app: AppRecord | None = await core.store.app_record(account.oauth2.app)
+        fallback = (app.server(leg.name) if app is not None else None) or Server()
+        server = Server(host=fallback.host, port=server.port or fallback.port,
+                        secure=server.secure if server.secure is not None else fallback.secure)
+    if not server.host:
         raise UpstreamError(f"account has no {leg.name.upper()} server configured")
-    port = int(settings.get("port") or 0)
-    if settings.get("secure") is None:  # unsaid: implicit TLS, except on the leg's STARTTLS port
+    port = server.port or 0
+    if server.secure is None:  # unsaid: implicit TLS, except on the leg's STARTTLS port
         secure = port != leg.starttls_port
     else:
-        secure = bool(settings["secure"])
-    return Target(str(settings["host"]), port or (leg.tls_port if secure else leg.starttls_port), secure)
+        secure = server.secure
+    return Target(server.host, port or (leg.tls_port if secure else leg.starttls_port), secure)
 
 
-async def credentials_for(core: Any, account: dict[str, Any], leg: Leg, force: bool) -> Credentials:
-    oauth = account.get("oauth2")
-    if oauth:
+async def credentials_for(core: Any, account: AccountRecord, leg: Leg, refused: str | None = None) -> Credentials:
+    """What to log in upstream with; ``refused``: the access token the server just refused (a new one
+    is needed, not that one again)."""
+    if account.oauth2 is not None:
         try:
-            token = await core.tokens.access_token(account, force=force)
+            token = await core.tokens.access_token(account, force=refused is not None, stale=refused)
         except RefreshError as e:
             raise OAuth2Unavailable(str(e)) from None
-        user = (oauth.get("auth") or {}).get("user") or account.get("email") or ""
-        return Credentials("XOAUTH2", user, token)
-    auth = (account.get(leg.name) or {}).get("auth") or {}
-    if not auth.get("pass"):
+        return Credentials("XOAUTH2", account.oauth2.user or account.email, token)
+    server = account.server(leg.name)
+    if server is None or not server.password:
         raise UpstreamError(f"account has neither OAuth2 nor an {leg.name.upper()} password")
-    return Credentials(leg.password_mechanism, auth.get("user") or account.get("email") or "", auth["pass"])
+    return Credentials(leg.password_mechanism, server.user or account.email, server.password)
 
 
-async def open_upstream(core: Any, account: dict[str, Any], leg: Leg,
+async def open_upstream(core: Any, account: AccountRecord, leg: Leg,
                         client: ClientAddress | None = None) -> Opened:
     """Connect, verify TLS, log in upstream; one forced token refresh if the provider refuses ours.
 
@@ -116,34 +119,35 @@ async def open_upstream(core: Any, account: dict[str, Any], leg: Leg,
     return opened
 
 
-async def _note_state(core: Any, account: dict[str, Any], state: str, error: str | None = None,
+async def _note_state(core: Any, account: AccountRecord, state: str, error: str | None = None,
                       description: str | None = None) -> None:
     """Record the account's state when it changed (a login that changes nothing writes nothing)."""
-    last = account.get("lastError") or {}
-    if account.get("state") == state and last.get("error") == error and last.get("description") == description:
+    last = account.last_error
+    if account.state == state and (last.error if last else None) == error and \
+            (last.description if last else None) == description:
         return
     try:
-        await core.store.set_account_state(account["account"], state, error, description)
+        await core.store.set_account_state(account.id, state, error, description)
     except Exception as e:  # the store's trouble must not fail a login that worked
-        log.warn("Cannot record the state of account {account}: {why}", account=account["account"], why=str(e))
+        log.warn("Cannot record the state of account {account}: {why}", account=account.id, why=str(e))
 
 
-async def _open(core: Any, account: dict[str, Any], leg: Leg, client: ClientAddress | None) -> Opened:
+async def _open(core: Any, account: AccountRecord, leg: Leg, client: ClientAddress | None) -> Opened:
     target = await target_for(core, account, leg)
-    forced = False
+    refused: str | None = None
     while True:
-        creds = await credentials_for(core, account, leg, forced)
+        creds = await credentials_for(core, account, leg, refused)
         try:
             return await _attempt(core, account, target, creds, leg, client)
         except UpstreamAuthError:
-            if creds.mechanism != "XOAUTH2" or forced:
+            if creds.mechanism != "XOAUTH2" or refused is not None:
                 raise
-            forced = True
+            refused = creds.secret
             log.info("Upstream refused the cached access token of {account}; refreshing once",
-                     account=account["account"])
+                     account=account.id)
 
 
-async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Credentials,
+async def _attempt(core: Any, account: AccountRecord, target: Target, creds: Credentials,
                    leg: Leg, client: ClientAddress | None) -> Opened:
     factory = Factory.forProtocol(leg.protocol)
     factory.noisy = False  # no "Starting factory" log line per upstream connection
@@ -152,7 +156,7 @@ async def _attempt(core: Any, account: dict[str, Any], target: Target, creds: Cr
     connect_seconds = UPSTREAM_CONNECT_SECONDS.labels(leg.name, "fail")
     try:
         proto, route = await core.connector.connect(
-            target.host, target.port, factory, tls=target.secure, account=account)
+            target.host, target.port, factory, tls=target.secure, account=account.routing, purpose=leg.name)
     except ProxyError as e:  # "proxy: SOCKS5 authentication refused" etc., safe to show
         connect_seconds.observe(clock() - started)
         raise UpstreamError(str(e)) from None

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from gateway.metrics import POOL, SOURCE_CONNECTIONS, UPSTREAM_CONNECTIONS as CONNECTIONS
 from gateway.net.opener import ClientAddress, Opened
+from gateway.store.records import AccountRecord
 from gateway.net.upstream import ProviderThrottled, UpstreamError
 
 log = Logger()
@@ -65,21 +66,7 @@ class Keeper(Protocol):
     async def resync(self, opened: Opened) -> None: ...
 
 
-Opener = Callable[[dict[str, Any], ClientAddress | None], Awaitable[Opened]]
-
-_VOLATILE = ("accessToken", "expires", "refreshToken")  # a rotated or re-authorized grant keeps connections
-
-
-def fingerprint(account: dict[str, Any]) -> str:
-    """What the account's upstream connections depend on; a change empties its pool.
-
-    Everything stored but the bookkeeping and the short-lived access token.
-    """
-    data = {k: v for k, v in account.items() if k not in ("created", "updated", "state", "lastError")}
-    if isinstance(data.get("oauth2"), dict):
-        data["oauth2"] = {k: v for k, v in data["oauth2"].items() if k not in _VOLATILE}
-    raw = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(raw).hexdigest()
+Opener = Callable[[AccountRecord, ClientAddress | None], Awaitable[Opened]]
 
 
 class PooledUpstream:
@@ -293,15 +280,15 @@ class UpstreamPool:
 
     # -- what sessions call ---------------------------------------------------
 
-    async def acquire(self, account: dict[str, Any], client: ClientAddress | None = None) -> Lease:
+    async def acquire(self, account: AccountRecord, client: ClientAddress | None = None) -> Lease:
         """An authenticated upstream connection for ``account``: an idle one resynced, or a new one.
 
         With ``per_client`` only one opened for the same client address is reused:
         the provider was told that address at login.
         """
-        account_id = str(account["account"])
+        account_id = account.id
         self._check_backoff(account_id)
-        print_ = fingerprint(account)
+        print_ = account.fingerprint  # what its connections depend on (gateway.store.records.fingerprint)
         self._forget_changed(account_id, print_)
         now = self.reactor.seconds()
         deadline = now + self.settings.limit_wait
@@ -408,9 +395,9 @@ class UpstreamPool:
         self._gauges()
         return True
 
-    async def _open(self, account: dict[str, Any], print_: str, client: ClientAddress | None,
+    async def _open(self, account: AccountRecord, print_: str, client: ClientAddress | None,
                     lease: str | None = None) -> Lease:
-        account_id = str(account["account"])
+        account_id = account.id
         conn = PooledUpstream(self, account_id, print_, client.host if client else "")
         conn.lease = lease
         self._conns.setdefault(account_id, []).append(conn)

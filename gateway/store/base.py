@@ -164,6 +164,8 @@ class Store(Protocol):
     def create_auth_request(self, data: dict[str, Any], verifier: str, ttl: float) -> str: ...
     def take_auth_request(self, request_id: str, step: str, ttl: float) -> dict[str, Any]: ...
     def state_key(self) -> bytes: ...
+    def login_account(self, account_id: str) -> Any: ...
+    def app_record(self, app_id: str) -> Any: ...
     def dump(self) -> dict[str, list[dict[str, Any]]]: ...
     def load(self, dump: dict[str, list[dict[str, Any]]]) -> None: ...
     def close(self) -> None: ...
@@ -271,15 +273,23 @@ class AsyncStore:
         return self._call(self.sync.verify_token, secret, scope, peer_ip, account)
 
     def check_login(self, secret: str, scope: str, peer_ip: str | None, account: str
-                    ) -> defer.Deferred[tuple[TokenCheck, dict[str, Any] | None, str | None]]:
-        """A client login's token check and, when it passes, the account with its secrets
+                    ) -> defer.Deferred[tuple[TokenCheck, Any, str | None]]:
+        """A client login's token check and, when it passes, the account as an `AccountRecord`
         (None when it does not exist) and the token's public id, in one trip to the store thread."""
-        def both() -> tuple[TokenCheck, dict[str, Any] | None, str | None]:
+        def both() -> tuple[TokenCheck, Any, str | None]:
             check, record = self.sync.verify_token(secret, scope, peer_ip, account)
             if check is not TokenCheck.OK:
                 return check, None, None
-            return check, self.sync.get_account(account, with_secrets=True), (record or {}).get("id")
+            return check, self.sync.login_account(account), (record or {}).get("id")
         return self._call(both)
+
+    def login_account(self, account_id: str) -> defer.Deferred[Any]:
+        """The account as a typed `AccountRecord` (secrets in clear), or None."""
+        return self._call(self.sync.login_account, account_id)
+
+    def app_record(self, app_id: str) -> defer.Deferred[Any]:
+        """The OAuth2 app as a typed `AppRecord` (secrets in clear), or None."""
+        return self._call(self.sync.app_record, app_id)
 
     def get_token(self, token_or_id: str) -> defer.Deferred[dict[str, Any] | None]:
         return self._call(self.sync.get_token, token_or_id)

@@ -36,6 +36,7 @@ from gateway.auth.secrets import SecretBox, SecretDecryptError
 from gateway.auth.tokens import TokenCheck, hash_token, looks_like_token
 from gateway.store.base import (Conflict, NotFound, StoreError, TokenRecord, ValidationError, judge_token,
                                 new_token_record, state_view)
+from gateway.store.records import AccountRecord, AppRecord
 from gateway.store.validation import (
     APP_SECRET_FIELD,
     account_public,
@@ -510,12 +511,23 @@ class RedisStore:
 
     @_d
     async def check_login(self, secret: str, scope: str, peer_ip: str | None, account: str
-                          ) -> tuple[TokenCheck, dict[str, Any] | None, str | None]:
+                          ) -> tuple[TokenCheck, AccountRecord | None, str | None]:
         check, record = await self._verify(secret, scope, peer_ip, account)
         if check is not TokenCheck.OK:
             return check, None, None
-        found = await self.get_account(account, with_secrets=True)
+        found = await self.login_account(account)
         return check, found, (record or {}).get("id")
+
+    @_d
+    async def login_account(self, account_id: str) -> AccountRecord | None:
+        """The account as logins, refreshes and connections read it (secrets in clear)."""
+        doc = await self.get_account(account_id, with_secrets=True)
+        return AccountRecord.from_document(doc) if doc is not None else None
+
+    @_d
+    async def app_record(self, app_id: str) -> AppRecord | None:
+        doc = await self.get_app(app_id, with_secret=True)
+        return AppRecord.from_document(doc) if doc is not None else None
 
     @_d
     async def get_token(self, token_or_id: str) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from gateway.auth.secrets import SecretBox, SecretDecryptError
 from gateway.auth.tokens import TokenCheck, hash_token, looks_like_token
 from gateway.store.base import (Conflict, NotFound, TokenRecord, ValidationError, iso_utc, judge_token,
                                  new_token_record, state_view)
+from gateway.store.records import AccountRecord, AppRecord
 from gateway.store.validation import (
     APP_SECRET_FIELD,
     account_public,
@@ -313,6 +314,18 @@ class SQLiteStore:
             db.execute("DELETE FROM tokens WHERE account = ?", (account_id,))
             db.execute("DELETE FROM account_state WHERE account = ?", (account_id,))
         return found
+
+    # Typed records for the data path ------------------------------------------
+
+    def login_account(self, account_id: str) -> AccountRecord | None:
+        """The account as logins, refreshes and connections read it (secrets in clear)."""
+        doc = self.get_account(account_id, with_secrets=True)
+        return AccountRecord.from_document(doc) if doc is not None else None
+
+    def app_record(self, app_id: str) -> AppRecord | None:
+        """The OAuth2 app as the token source and the provider client read it (secrets in clear)."""
+        doc = self.get_app(app_id, with_secret=True)
+        return AppRecord.from_document(doc) if doc is not None else None
 
     # Account state ---------------------------------------------------------
 

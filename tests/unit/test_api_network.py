@@ -137,7 +137,8 @@ async def test_account_view_shows_its_network_and_can_be_put_back(api):
     assert status == 200
     assert view["network"] == {"addressStrategy": "static", "pool": ["127.0.0.2", "127.0.0.3"],
                                "poolLevel": "default", "localAddress": rendezvous("alice", ["127.0.0.2", "127.0.0.3"]),
-                               "localAddressIPv6": None, "proxy": "socks5://u:***@127.0.0.1:1080"}
+                               "localAddressIPv6": None, "proxy": "socks5://u:***@127.0.0.1:1080",
+                               "smtpLocalAddress": rendezvous("alice", ["127.0.0.2", "127.0.0.3"]), "excluded": []}
     await api.call("PUT", "/v1/settings/network", {"accountPools": {"alice": ["127.0.0.3"]}})
     _, view = await api.call("GET", "/v1/account/alice")
     assert view["network"]["pool"] == ["127.0.0.3"] and view["network"]["poolLevel"] == "account"

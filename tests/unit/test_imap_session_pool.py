@@ -22,13 +22,15 @@ from gateway.net.connector import Route
 from gateway.net.opener import Opened, Target
 from gateway.net.pool import PoolSettings, UpstreamPool
 from gateway.session import SessionDeps
+from gateway.store.records import AccountRecord
 
 CAPS = b"IMAP4rev1 UNSELECT IDLE"
 
 
 class Store:
     def check_login(self, secret: str, scope: str, peer: str | None, account: str):
-        return defer.succeed((TokenCheck.OK, {"account": account, "email": f"{account}@example.com"}, "tok1"))
+        record = AccountRecord.from_document({"account": account, "email": f"{account}@example.com"})
+        return defer.succeed((TokenCheck.OK, record, "tok1"))
 
 
 class Upstreams:

@@ -16,6 +16,7 @@ from gateway.config import load_config
 from gateway.net.connector import Connector, Route
 from gateway.net.policy import NetworkPolicy
 from gateway.net.tunnel import ProxyError
+from gateway.store.records import Routing
 
 
 class Resolver:
@@ -47,7 +48,8 @@ def make(network: dict[str, Any] | None = None, table: dict[str, list[str]] | No
 def start(connector: Connector, account: dict[str, Any] | None = None, host: str = "imap.example.com",
           port: int = 993) -> defer.Deferred[Any]:
     return defer.Deferred.fromCoroutine(
-        connector.connect(host, port, Factory.forProtocol(Protocol), tls=False, account=account))
+        connector.connect(host, port, Factory.forProtocol(Protocol), tls=False,
+                          account=Routing.from_view(account) if account is not None else None))
 
 
 def refuse(reactor: MemoryReactorClock, index: int) -> None:

@@ -15,6 +15,7 @@ from gateway.net.ehlo import EhloNames
 from gateway.net.ipstrategy import IPV4, IPV6
 from gateway.net.policy import NetworkPolicy, Settings, check_configured, validate_settings
 from gateway.store.base import ValidationError
+from gateway.store.records import Routing
 
 
 def run(coroutine: Any) -> Any:
@@ -49,14 +50,14 @@ POOLS = {"local_addresses": ["127.0.0.2", "127.0.0.3", "::1"], "address_strategy
 def test_most_specific_pool_wins():
     p = policy(POOLS)
     settings = Settings(account_pools={"bob": ("127.0.0.5",)})
-    assert p.pool_for(settings, {"account": "ann", "email": "ann@other.example"}) == (
+    assert p.pool_for(settings, Routing.from_view({"account": "ann", "email": "ann@other.example"})) == (
         ("127.0.0.2", "127.0.0.3", "::1"), "default")
-    assert p.pool_for(settings, {"account": "cid", "email": "cid@CORP.example"}) == (("127.0.0.4",), "domain")
-    assert p.pool_for(settings, {"account": "bob", "email": "bob@corp.example"}) == (("127.0.0.5",), "account")
-    assert p.source(settings, {"account": "bob", "email": "b@corp.example", "localAddress": "127.0.0.9"},
+    assert p.pool_for(settings, Routing.from_view({"account": "cid", "email": "cid@CORP.example"})) == (("127.0.0.4",), "domain")
+    assert p.pool_for(settings, Routing.from_view({"account": "bob", "email": "bob@corp.example"})) == (("127.0.0.5",), "account")
+    assert p.source(settings, Routing.from_view({"account": "bob", "email": "b@corp.example", "localAddress": "127.0.0.9"}),
                     IPV4) == "127.0.0.9"
     # a localAddress of the other family leaves this family to the pool
-    assert p.source(settings, {"account": "ann", "email": "a@x.example", "localAddress": "127.0.0.9"},
+    assert p.source(settings, Routing.from_view({"account": "ann", "email": "a@x.example", "localAddress": "127.0.0.9"}),
                     IPV6) == "::1"
 
 
@@ -112,7 +113,8 @@ def test_describe_shows_the_assignment():
     shown = run(p.describe({"account": "ann", "email": "ann@x.example"}, "imap.x.example"))
     assert shown == {"addressStrategy": "static", "pool": ["127.0.0.2", "127.0.0.3", "::1"],
                      "poolLevel": "default", "localAddress": rendezvous("ann", ["127.0.0.2", "127.0.0.3"]),
-                     "localAddressIPv6": "::1", "proxy": "socks5://u:***@127.0.0.1:1080"}
+                     "localAddressIPv6": "::1", "proxy": "socks5://u:***@127.0.0.1:1080",
+                     "smtpLocalAddress": rendezvous("ann", ["127.0.0.2", "127.0.0.3"]), "excluded": []}
     assert run(p.describe({"account": "ann", "email": "a@x.example"}, "localhost"))["proxy"] is None
 
 

@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from gateway.imap.upstream import IMAPKeeper, UpstreamIMAP, login
 from gateway.net.connector import Route
 from gateway.net.opener import Opened, Target
-from gateway.net.pool import Lease, PoolSettings, TooManyConnections, UpstreamPool, fingerprint
+from gateway.net.pool import Lease, PoolSettings, TooManyConnections, UpstreamPool
+from gateway.store.records import AccountRecord
 from gateway.net.throttle import NOT_CONNECTED_BACKOFF, throttle_delay
 from gateway.net.upstream import Credentials, ProviderThrottled, UpstreamError
 
@@ -90,8 +91,9 @@ class World:
         return defer.ensureDeferred(self.pool.acquire(account))
 
 
-ALICE = {"account": "alice", "email": "alice@example.com", "oauth2": {"accessToken": "a1", "expires": 1.0}}
-BOB = {"account": "bob", "email": "bob@example.com"}
+ALICE_DOC = {"account": "alice", "email": "alice@example.com", "oauth2": {"accessToken": "a1", "expires": 1.0}}
+ALICE = AccountRecord.from_document(ALICE_DOC)
+BOB = AccountRecord.from_document({"account": "bob", "email": "bob@example.com"})
 
 
 def result(d: defer.Deferred[Any]) -> Any:
@@ -207,12 +209,12 @@ def test_a_changed_account_empties_its_pool():
     """Different settings (not just a new access token) close the idle connections and open anew."""
     w = World()
     result(w.acquire(ALICE)).release()
-    renewed = {**ALICE, "oauth2": {"accessToken": "a2", "expires": 99.0}}
-    assert fingerprint(renewed) == fingerprint(ALICE)
+    renewed = AccountRecord.from_document({**ALICE_DOC, "oauth2": {"accessToken": "a2", "expires": 99.0}})
+    assert renewed.fingerprint == ALICE.fingerprint
     assert result(w.acquire(renewed)).pooled
     w2 = World()
     result(w2.acquire(ALICE)).release()
-    moved = {**ALICE, "imap": {"host": "elsewhere.example"}}
+    moved = AccountRecord.from_document({**ALICE_DOC, "imap": {"host": "elsewhere.example"}})
     lease = result(w2.acquire(moved))
     assert not lease.pooled and w2.opened[0].aborted
 

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.auth.provider import authorization_url
 from gateway.store.base import ValidationError
+from gateway.store.records import AppRecord
 from gateway.store.validation import app_public, normalize_app
 
 
@@ -23,7 +24,8 @@ def test_gmail_preset_fills_urls_scopes_and_offline_access() -> None:
     assert app["tokenUrl"] == "https://oauth2.googleapis.com/token"
     assert app["revocationUrl"] == "https://oauth2.googleapis.com/revoke"
     assert app["scopes"] == ["https://mail.google.com/"]
-    url = authorization_url(app, "https://gw.example/oauth/callback", "st.sig", "v" * 64, login_hint="a@b.example")
+    url = authorization_url(AppRecord.from_document({**app, "id": "a1"}), "https://gw.example/oauth/callback",
+                            "st.sig", "v" * 64, login_hint="a@b.example")
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
     assert url.startswith("https://accounts.google.com/o/oauth2/v2/auth?")
     assert query["scope"] == "https://mail.google.com/ openid email"
@@ -41,7 +43,8 @@ def test_outlook_preset_uses_the_authority_everywhere() -> None:
     assert app["jwksUrl"] == base + "/discovery/v2.0/keys"
     assert "offline_access" in app["scopes"] and "revocationUrl" not in app
     query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(
-        authorization_url(app, "http://127.0.0.1:3000/oauth/callback", "s", "v" * 64)).query))
+        authorization_url(AppRecord.from_document({**app, "id": "a1"}), "http://127.0.0.1:3000/oauth/callback", "s",
+                          "v" * 64)).query))
     assert "access_type" not in query and "openid" in query["scope"].split()
 
 

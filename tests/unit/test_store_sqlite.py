@@ -121,7 +121,7 @@ def test_check_login_gives_the_account_with_secrets_only_for_a_good_token(tmp_pa
                                     "imap": {"host": "h", "auth": {"user": "u", "pass": "p4ss"}}})
         secret, _record = yield store.create_token("a", ["imap-proxy"], "d", ["10.0.0.0/8"])
         check, account, token_id = yield store.check_login(secret, "imap-proxy", "10.1.2.3", "a")
-        assert check is TokenCheck.OK and account["imap"]["auth"]["pass"] == "p4ss"
+        assert check is TokenCheck.OK and account.imap.password == "p4ss" and account.imap.user == "u"
         assert token_id == _record["id"]
         assert (yield store.check_login(secret, "imap-proxy", "192.0.2.1", "a")) == \
             (TokenCheck.DENIED_ADDRESS, None, None)
