@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import imaplib
-import shutil
 import statistics
 import threading
 import time
@@ -24,10 +23,9 @@ from contextlib import ExitStack
 from typing import Callable
 
 from benchmarks.stack import cpu_seconds, format_table, gateway, percentile, upstreams
-from tests.integration.dovecot import free_port
 from tests.integration.gateway_proc import Gateway, _SourcedIMAP4_SSL
-from tests.integration.haproxy import HAProxy
 from tests.integration.redis_server import RedisServer
+from tests.integration.test_cluster import cluster
 
 
 def session(connect: Callable[[], imaplib.IMAP4_SSL], account: str, token: str) -> tuple[float, float]:
@@ -88,29 +86,10 @@ def main() -> None:
         up = running.enter_context(upstreams("gw-bench-cluster-", max_connections=4 * args.clients + 20))
         redis = RedisServer(up.root / "redis").start()
         running.callback(redis.stop)
-        shared = up.root / "shared"
-        shared.mkdir()
-        behind = []
-        nodes = []
-        for name in ("a", "b"):
-            gw = Gateway(up.root / name, up.dovecot, up.provider, store=redis.url(1))
-            gw.config["secret_key_file"] = str(shared / "secret.key")
-            gw.config["tls"] = {"cert": str(shared / "gw.pem"), "key": str(shared / "gw.key")}
-            port = free_port()
-            gw.config["imap"]["listen"] = gw.config["imap"]["listen"] + [f"haproxy:ssl:{port}:interface=127.0.0.1"]
-            behind.append(port)
-            nodes.append(gw)
-            running.callback(gw.stop)
-            gw.start()
-            for other in (up.root / "a", up.root / "b"):
-                other.mkdir(exist_ok=True)
-                shutil.copy(shared / "gateway-ca.pem", other / "gateway-ca.pem")
-        a, _b = nodes
-        haproxy = HAProxy(up.root / "haproxy")
-        one_front = haproxy.balance(behind[:1])
-        two_front = haproxy.balance(behind)
-        haproxy.start()
-        running.callback(haproxy.stop)
+        two = running.enter_context(cluster(up.dovecot, up.provider, redis, db=1, fronts=((0,), (0, 1)),
+                                            root=up.root / "cluster"))
+        a, nodes = two.a, [two.a, two.b]
+        one_front, two_front = two.fronts
 
         def via(port: int) -> Callable[[], imaplib.IMAP4_SSL]:
             return lambda: _SourcedIMAP4_SSL("127.0.0.1", port, ssl_context=a.client_context(), source=None,

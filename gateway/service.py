@@ -89,6 +89,10 @@ class Core:
             self._forget(str(event.get("id")))
         elif kind == "settings":
             self.connector.policy.settings_changed()
+        elif kind == "disconnect":  # a token revoked with ?disconnect=true on some gateway
+            ended = self.connections.end_token(str(event.get("token")))
+            if ended:
+                log.info("Ended {n} sessions of a token revoked with disconnect on another gateway", n=ended)
 
     def _opener(self, leg: Leg) -> Any:
         async def open_for(account: AccountRecord, client: ClientAddress | None) -> Opened:

@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from gateway.api.asynchronous import AsyncLeaf
+from twisted.web import http, server
 
 from gateway.api.resources import ApiError, Call, Handler, Handlers, Reply
 from gateway.auth.tokens import TokenCheck
@@ -124,10 +124,10 @@ def _bearer(request: server.Request) -> str | None:
     return value.strip()
 
 
-class ApiResource(resource.Resource):
+class ApiResource(AsyncLeaf):
     """The whole API as one leaf resource: every path goes through the router."""
 
-    isLeaf = True
+    failed = "API response failed"
 
     def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None,
                  account_changed: Any = None, hosted: Any = None) -> None:
@@ -135,13 +135,6 @@ class ApiResource(resource.Resource):
         self.store = store
         self.handlers = handlers = Handlers(store, connections, network, account_changed, hosted)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
-
-    def render(self, request: server.Request) -> Any:
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
-        d = defer.Deferred.fromCoroutine(self._respond(request, gone))
-        d.addErrback(lambda failure: log.failure("API response failed", failure))
-        return server.NOT_DONE_YET
 
     async def _respond(self, request: server.Request, gone: list[Failure]) -> None:
         method = request.method.decode("ascii", "replace")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import html
 from typing import Any, cast
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from gateway.api.asynchronous import AsyncLeaf
 from twisted.web import resource, server
 from twisted.web.resource import IResource
 
@@ -32,21 +32,14 @@ def page(title: str, text: str) -> bytes:
     return _PAGE.format(title=html.escape(title), text=html.escape(text)).encode("utf-8")
 
 
-class OAuthWeb(resource.Resource):
+class OAuthWeb(AsyncLeaf):
     """``/oauth/...``: every path here goes through :meth:`_respond`."""
 
-    isLeaf = True
+    failed = "OAuth2 page failed"
 
     def __init__(self, hosted: HostedAuth) -> None:
         super().__init__()
         self.hosted = hosted
-
-    def render(self, request: server.Request) -> Any:
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
-        d = defer.Deferred.fromCoroutine(self._respond(request, gone))
-        d.addErrback(lambda failure: log.failure("OAuth2 page failed", failure))
-        return server.NOT_DONE_YET
 
     async def _respond(self, request: server.Request, gone: list[Failure]) -> None:
         status, body, location = 404, page("Not found", "There is no such page."), None

@@ -290,6 +290,8 @@ class Handlers:
         body: dict[str, Any] = {"deleted": True}
         if disconnect and self.connections is not None:
             body["disconnected"] = self.connections.end_token(record["id"])
+            if getattr(self.store, "cluster", False):  # the other gateways end theirs too
+                await self.store.publish({"kind": "disconnect", "token": record["id"]})
         return Reply(body)
 
     # Network settings ------------------------------------------------------

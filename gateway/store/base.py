@@ -338,6 +338,10 @@ class AsyncStore:
     def on_event(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """No other gateway can change what this one caches: nothing to be told."""
 
+    def publish(self, event: dict[str, Any]) -> defer.Deferred[None]:
+        """No other gateway to tell."""
+        return defer.succeed(None)
+
     def close(self) -> defer.Deferred[None]:
         """Stop the worker, then fold SQLite's write-ahead log into the file (a clean copy)."""
         self.stop()

@@ -95,11 +95,7 @@ def parse_url(url: str) -> dict[str, Any]:
 
 def safe_url(url: str) -> str:
     """The URL with its password hidden, for logs and errors."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return mask_proxy(url)
 
 
 def _d(fn: Callable[..., Awaitable[T]]) -> Callable[..., defer.Deferred[T]]:

@@ -413,12 +413,12 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 def mask_proxy(proxy: str) -> str:
-    """The proxy URL with its password (if any) shown as ***."""
+    """The URL (a proxy, a Redis store) with its password (if any) shown as ***."""
     parts = urllib.parse.urlsplit(proxy)
     if parts.password is None:
         return proxy
     host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def account_public(account: dict[str, Any], created: float | None = None,

@@ -32,8 +32,9 @@ from .test_imap_pool import upstream_sessions
 
 
 class Cluster:
-    def __init__(self, a: Gateway, b: Gateway, haproxy: HAProxy, front: int, redis: RedisServer) -> None:
-        self.a, self.b, self.haproxy, self.front, self.redis = a, b, haproxy, front, redis
+    def __init__(self, a: Gateway, b: Gateway, haproxy: HAProxy, fronts: list[int], redis: RedisServer) -> None:
+        self.a, self.b, self.haproxy, self.fronts, self.redis = a, b, haproxy, fronts, redis
+        self.front = fronts[0]  # HAProxy's port balancing over both
 
     def via_haproxy(self) -> imaplib.IMAP4_SSL:
         return _SourcedIMAP4_SSL("127.0.0.1", self.front, ssl_context=self.a.client_context(), source=None,
@@ -41,13 +42,15 @@ class Cluster:
 
 
 @contextmanager
-def cluster(dovecot, oauth2_provider, redis: RedisServer, db: int = 1, **overrides: Any) -> Iterator[Cluster]:
+def cluster(dovecot, oauth2_provider, redis: RedisServer, db: int = 1, fronts: tuple[tuple[int, ...], ...] = ((0, 1),),
+            root: Path | None = None, **overrides: Any) -> Iterator[Cluster]:
     """Gateways A and B on ``redis``'s database ``db`` (flushed), sharing the secret key and the TLS
-    certificate (what a cluster shares), each with a direct listener and a haproxy:ssl: one."""
+    certificate (what a cluster shares), each with a direct listener and a haproxy:ssl: one; HAProxy
+    with one frontend per entry of ``fronts`` (which gateways it balances over: 0 is A, 1 is B)."""
     redis.flush(db)
-    root = Path(tempfile.mkdtemp(prefix="gw-cluster-"))
+    root = root or Path(tempfile.mkdtemp(prefix="gw-cluster-"))
     shared = root / "shared"
-    shared.mkdir()
+    shared.mkdir(parents=True)
     gateways = []
     haproxy = HAProxy(root / "haproxy")
     behind = []
@@ -67,9 +70,9 @@ def cluster(dovecot, oauth2_provider, redis: RedisServer, db: int = 1, **overrid
             shutil.copy(shared / ca, root / "b" / ca)
             shutil.copy(shared / ca, root / "a" / ca)
         b.start()
-        front = haproxy.balance(behind)
+        ports = [haproxy.balance([behind[i] for i in which]) for which in fronts]
         haproxy.start()
-        yield Cluster(a, b, haproxy, front, redis)
+        yield Cluster(a, b, haproxy, ports, redis)
     finally:
         haproxy.stop()
         for gw in gateways:

@@ -8,10 +8,10 @@ import re
 import secrets
 from typing import Any
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from gateway.api.asynchronous import AsyncLeaf
+from twisted.web import server
 
 from gateway.api.dashboard import pages
 from gateway.api.dashboard.actions import Actions, Visit
@@ -39,10 +39,10 @@ class DashboardOptions:
     state_ttl: float = 900.0
 
 
-class Dashboard(resource.Resource):
+class Dashboard(AsyncLeaf):
     """``/`` and ``/dashboard/...`` on the admin listener: every path goes through :meth:`_respond`."""
 
-    isLeaf = True
+    failed = "Dashboard response failed"
 
     def __init__(self, handlers: Handlers, store: Any, reactor: Any, limits: AuthLimiter | None = None,
                  options: DashboardOptions | None = None) -> None:
@@ -54,13 +54,6 @@ class Dashboard(resource.Resource):
         self.signin = SignIn(store, limits, reactor)
         self.actions = Actions(handlers, self.sessions, options.public_url, options.state_ttl, reactor.seconds)
         self.static = Static()
-
-    def render(self, request: server.Request) -> Any:
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
-        d = defer.Deferred.fromCoroutine(self._respond(request, gone))
-        d.addErrback(lambda failure: log.failure("Dashboard response failed", failure))
-        return server.NOT_DONE_YET
 
     async def _respond(self, request: server.Request, gone: list[Failure]) -> None:
         try:
