@@ -19,6 +19,7 @@ from twisted.web import http, server
 
 from gateway.api.resources import ApiError, Call, Handler, Handlers, Reply
 from gateway.auth.tokens import TokenCheck
+from gateway.limits import MAX_DELAY
 from gateway.store.base import AsyncStore, Conflict, NotFound, ValidationError
 
 if TYPE_CHECKING:
@@ -130,9 +131,12 @@ class ApiResource(AsyncLeaf):
     failed = "API response failed"
 
     def __init__(self, store: AsyncStore, connections: Any = None, network: Any = None,
-                 account_changed: Any = None, hosted: Any = None) -> None:
+                 account_changed: Any = None, hosted: Any = None, auth_limits: Any = None,
+                 reactor: Any = None) -> None:
         super().__init__()
         self.store = store
+        self.auth_limits = auth_limits  # wrong bearer tokens count like failed IMAP logins
+        self.reactor = reactor
         self.handlers = handlers = Handlers(store, connections, network, account_changed, hosted)
         self.router = Router([Route(m, p, h, a) for m, p, h, a in handlers.routes()])
 
@@ -183,13 +187,28 @@ class ApiResource(AsyncLeaf):
         if secret is None:
             raise ApiError(401, "Unauthorized", "missing bearer token (Authorization: Bearer <token>)",
                            headers=_CHALLENGE)
-        check, record = await self.store.verify_token(secret, "api", _peer_ip(request))
+        address = _peer_ip(request) or ""
+        limits = self.auth_limits
+        if limits is not None and limits.locked(address):  # locked out: refused unchecked, after the longest hold
+            await self._hold(MAX_DELAY)
+            raise ApiError(401, "Unauthorized", "invalid or revoked token, or no api scope", headers=_CHALLENGE)
+        check, record = await self.store.verify_token(secret, "api", address or None)
         if check is TokenCheck.DENIED_ADDRESS:
             raise ApiError(403, "Forbidden", "Access denied, traffic not accepted from this IP")
         if check is not TokenCheck.OK or record is None:
+            if limits is not None:
+                await self._hold(limits.failed(address, "", "api"))
             raise ApiError(401, "Unauthorized", "invalid or revoked token, or no api scope",
                            headers=_CHALLENGE)
+        # A good token does not clear the address's count (unlike a login): a monitor scraping
+        # /metrics from a shared address would otherwise keep wiping a guesser's failures.
         return record
+
+    async def _hold(self, seconds: float) -> None:
+        """Answer a failed sign-in only after ``seconds`` (the abuse limits' delay), as IMAP and SMTP do."""
+        if seconds > 0 and self.reactor is not None:
+            from twisted.internet import task
+            await task.deferLater(self.reactor, seconds, lambda: None)
 
 
 def _error(status: int, error: str, message: str) -> Reply:
@@ -253,7 +272,7 @@ def make_site(store: AsyncStore, connections: Any = None, network: Any = None,
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
-    api = ApiResource(store, connections, network, account_changed, hosted)
+    api = ApiResource(store, connections, network, account_changed, hosted, auth_limits, reactor)
     pages = Dashboard(api.handlers, store, reactor, auth_limits, dashboard)
     root = Root(api, OAuthWeb(hosted) if hosted is not None else None, pages)
     site = server.Site(root, requestFactory=LimitedRequest, timeout=REQUEST_TIMEOUT, logFormatter=_access_log_line)

@@ -236,7 +236,7 @@ def test_a_wrong_token_at_sign_in_is_throttled_like_a_bad_login(throttled: Gatew
     assert "(answer held 1.0 s)" in gw.log_text()
     assert wrong_sign_in().status_code == 401  # failure 4: past auth_lockout_after, locked out
     assert "Login lockout: address 127.0.0.1" in gw.log_text()
-    assert gw.metric("gateway_auth_lockouts_total") == 1
+    # (no metric read from here on: the locked-out address gets the API's 401 too, even for the admin token)
     session = requests.Session()
     csrf = csrf_of(session.get(base(gw) + "/", timeout=10).text)
     right = session.post(base(gw) + "/dashboard/signin", data={"csrf": csrf, "token": gw.admin_token},

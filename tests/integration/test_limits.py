@@ -118,3 +118,21 @@ def _low_limit_run(gw: Gateway, held: list[socket.socket]) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def test_wrong_bearer_tokens_on_the_api_are_limited_like_failed_logins(dovecot, oauth2_provider) -> None:
+    """The admin API counts wrong bearer tokens in the same limiter as IMAP, SMTP and the dashboard:
+    past limits.auth_failures its 401 is held, past auth_lockout_after the address is locked out and
+    even a good token gets the 401 (as a locked-out IMAP client gets the bad-token answer)."""
+    with started_gateway(dovecot, oauth2_provider, "gw-apilimits-",
+                         limits={"auth_failures": 1, "auth_window": 300, "auth_lockout_after": 2,
+                                 "auth_lockout": 300, "exempt": []}) as gw:
+        wrong = "0" * 64
+        assert gw.api("GET", "/v1/accounts", token=wrong)[0] == 401   # 1st: answered at once
+        assert gw.api("GET", "/v1/accounts", token=wrong)[0] == 401   # 2nd: held 0.5 s
+        assert gw.metric("gateway_auth_delayed_total", protocol="api") == 1
+        assert gw.metric("gateway_auth_failures_total", protocol="api") == 2  # good tokens clear nothing
+        assert gw.api("GET", "/v1/accounts", token=wrong)[0] == 401  # 3rd: past auth_lockout_after
+        assert wait_for(lambda: "Login lockout: address 127.0.0.1" in gw.log_text()), gw.log_tail()
+        status, body = gw.api("GET", "/v1/accounts")  # the good admin token, from the locked-out address
+        assert status == 401 and body["error"] == "Unauthorized"
