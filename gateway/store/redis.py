@@ -40,6 +40,7 @@ from gateway.store.records import AccountRecord, AppRecord
 from gateway.store.validation import (
     APP_SECRET_FIELD,
     account_public,
+    stored_public,
     app_public,
     map_secrets,
     mask_proxy,
@@ -387,7 +388,7 @@ class RedisStore:
         stored, created, updated = found
         state = await self._state_of(account_id)
         if not with_secrets:
-            return {**account_public(stored, created, updated), **state}
+            return {**stored_public(stored, self._box.decrypt, created, updated), **state}
         account = map_secrets(stored, self._box.decrypt)
         app = None
         if "oauth2" in account:
@@ -403,7 +404,8 @@ class RedisStore:
             found = await self._read_account(account_id)
             if found is not None:
                 stored, created, updated = found
-                views.append({**account_public(stored, created, updated), **await self._state_of(account_id)})
+                views.append({**stored_public(stored, self._box.decrypt, created, updated),
+                              **await self._state_of(account_id)})
         return views
 
     @_d

@@ -27,6 +27,7 @@ from gateway.store.records import AccountRecord, AppRecord
 from gateway.store.validation import (
     APP_SECRET_FIELD,
     account_public,
+    stored_public,
     app_public,
     map_secrets,
     mask_proxy,
@@ -36,7 +37,7 @@ from gateway.store.validation import (
     with_app_defaults,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: account proxy URLs encrypted
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     id TEXT PRIMARY KEY,
@@ -120,6 +121,13 @@ class SQLiteStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if db.execute("PRAGMA user_version").fetchone()[0] < 2:  # proxies were stored in clear before 2
+                for row in db.execute("SELECT account, data FROM accounts").fetchall():
+                    doc = json.loads(row["data"])
+                    if isinstance(doc.get("proxy"), str) and not doc["proxy"].startswith("gAAAAA"):
+                        doc["proxy"] = self._box.encrypt(doc["proxy"])
+                        db.execute("UPDATE accounts SET data = ? WHERE account = ?",
+                                   (json.dumps(doc), row["account"]))
             columns = {row[1] for row in db.execute("PRAGMA table_info(apps)")}
             if "service_key" not in columns:  # stores made before service accounts
                 db.execute("ALTER TABLE apps ADD COLUMN service_key TEXT")
@@ -293,7 +301,7 @@ class SQLiteStore:
         stored = json.loads(row["data"])
         state = self._state_of(account_id)
         if not with_secrets:
-            return {**account_public(stored, row["created"], row["updated"]), **state}
+            return {**stored_public(stored, self._box.decrypt, row["created"], row["updated"]), **state}
         account = map_secrets(stored, self._box.decrypt)
         app = None
         if "oauth2" in account:
@@ -304,7 +312,7 @@ class SQLiteStore:
         """Every account's public view, ordered by ID."""
         rows = self._query("SELECT * FROM accounts ORDER BY account")
         states = {r["account"]: r for r in self._query("SELECT * FROM account_state")}
-        return [{**account_public(json.loads(r["data"]), r["created"], r["updated"]),
+        return [{**stored_public(json.loads(r["data"]), self._box.decrypt, r["created"], r["updated"]),
                  **_state_view(states.get(r["account"]))} for r in rows]
 
     def delete_account(self, account_id: str) -> bool:

@@ -66,6 +66,7 @@ ACCOUNT_SECRET_PATHS: tuple[tuple[str, ...], ...] = (
     ("smtp", "auth", "pass"),
     ("oauth2", "refreshToken"),
     ("oauth2", "accessToken"),
+    ("proxy",),  # the whole URL: it may carry the proxy's password
 )
 PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 # Fields a client may echo back from a GET view; ignored on input.
@@ -419,6 +420,15 @@ def mask_proxy(proxy: str) -> str:
         return proxy
     host = parts.netloc.rsplit("@", 1)[1]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def stored_public(stored: dict[str, Any], decrypt: Callable[[str], str], created: float | None = None,
+                  updated: float | None = None) -> dict[str, Any]:
+    """The public view of an account as stored (secrets encrypted): the proxy is decrypted to be shown
+    masked; every other secret is left out anyway."""
+    if isinstance(stored.get("proxy"), str):
+        stored = {**stored, "proxy": decrypt(stored["proxy"])}
+    return account_public(stored, created, updated)
 
 
 def account_public(account: dict[str, Any], created: float | None = None,

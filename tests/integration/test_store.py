@@ -260,6 +260,7 @@ async def test_proxy_password_is_masked_in_public_view(store: Any) -> None:
     (await store.create_account({"account": "p", "email": "p@x.org", "proxy": "socks5://u:pw-s3cret@10.0.0.1:1080",
                           "imap": {"host": "h", "auth": {"user": "u", "pass": "p"}}}))
     assert "pw-s3cret" not in json.dumps((await store.get_account("p")))
+    assert "pw-s3cret" not in store.raw()  # the proxy URL is encrypted at rest too
     assert (await store.get_account("p", with_secrets=True))["proxy"].endswith("pw-s3cret@10.0.0.1:1080")
 
 

@@ -141,3 +141,23 @@ def test_a_store_from_before_service_accounts_is_migrated(tmp_path: Path) -> Non
     store = SQLiteStore(str(tmp_path / "old.db"), SecretBox.generate())
     app = store.create_app({"name": "g", "provider": "gmail", "clientId": "c", "clientSecret": "s"})
     assert store.get_app(app["id"], with_secret=True)["clientSecret"] == "s"
+
+
+def test_a_proxy_stored_in_clear_by_an_older_version_is_encrypted_at_open(tmp_path: Path) -> None:
+    box = SecretBox.generate()
+    first = SQLiteStore(str(tmp_path / "g.db"), box)
+    first.create_account({"account": "p", "email": "p@x.org", "proxy": "socks5://u:pw-s3cret@10.0.0.1:1080",
+                          "imap": {"host": "h", "auth": {"user": "u", "pass": "p"}}})
+    first.close()
+    db = sqlite3.connect(tmp_path / "g.db")  # as version 1 left it: the proxy in clear
+    data = json.loads(db.execute("SELECT data FROM accounts").fetchone()[0])
+    data["proxy"] = "socks5://u:pw-s3cret@10.0.0.1:1080"
+    db.execute("UPDATE accounts SET data = ?", (json.dumps(data),))
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    again = SQLiteStore(str(tmp_path / "g.db"), box)
+    assert again.get_account("p", with_secrets=True)["proxy"] == "socks5://u:pw-s3cret@10.0.0.1:1080"
+    assert again.get_account("p")["proxy"] == "socks5://u:***@10.0.0.1:1080"
+    again.close()
+    assert b"pw-s3cret" not in (tmp_path / "g.db").read_bytes()
