@@ -34,6 +34,7 @@ MAIL_USER = "gwmail"
 
 
 _PORTS = random.Random(os.getpid())
+_ISSUED: set[int] = set()  # ports handed out by this process: never twice (they are bound later)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,17 +43,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     Servers of the suite bind their port some time after it was picked; a port
     from the ephemeral range (what binding to 0 gives) may meanwhile become the
     source port of any outgoing connection, and the server then fails with
-    "Address already in use". Below that range only listeners use ports.
+    "Address already in use". Below that range only listeners use ports. A port
+    is never handed out twice by one process: two picks made before either is
+    bound (a gateway's five listeners) would otherwise be able to collide.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     low = _ephemeral_low()
     for _ in range(200):
         port = _PORTS.randrange(max(1024, low - 12000), low)
+        if port in _ISSUED:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _ISSUED.add(port)
             return port
     with socket.socket(family, socket.SOCK_STREAM) as s:  # fall back to what the kernel offers
         s.bind((host, 0))
