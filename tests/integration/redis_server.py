@@ -13,30 +13,33 @@ import subprocess
 import time
 from pathlib import Path
 
-from .dovecot import free_port
+from .proxies import ServerProcess
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
+    name = "redis"
+
     def __init__(self, workdir: Path, password: str | None = None, persist: bool = False) -> None:
-        self.workdir = Path(workdir)
+        super().__init__(workdir)  # the port is kept over restarts
         self.password = password
         self.persist = persist  # append-only file: the data outlives a restart
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def command(self) -> list[str]:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always",
                 "--dir", str(self.workdir), "--protected-mode", "no"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=open(self.workdir / "redis.log", "ab"),
-                                     stderr=subprocess.STDOUT)
+        return args + (["--requirepass", self.password] if self.password else [])
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        """Start and wait for PONG (not just a connection: a restarted server answers LOADING while
+        it reads its append-only file)."""
+        with open(self.output, "ab") as out:
+            self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("redis-server exited: " + (self.workdir / "redis.log").read_text()[-2000:])
+                raise RuntimeError("redis-server exited: " + self.tail())
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                     if self.password:
@@ -49,16 +52,6 @@ class RedisServer:
                 pass
             time.sleep(0.05)
         raise RuntimeError("redis-server did not answer PING")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""

@@ -18,6 +18,8 @@ from gateway.cli import main
 from gateway.store.rotate import ENCRYPTED_COLUMNS, EncryptedColumn
 from gateway.store.sqlite import SQLiteStore
 
+from test_cli import _store, config  # noqa: F401 (config is a fixture) tests/unit/test_cli.py
+
 PLAINTEXTS = {
     "client": "client-s3cret-value",
     "imap": "imap-pass-s3cret",
@@ -33,20 +35,6 @@ LOCATIONS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "refresh": ("accounts", ("oauth2", "refreshToken")),
     "access": ("accounts", ("oauth2", "accessToken")),
 }
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """A config file and its store, as the gateway's first start leaves them (the CLI creates none)."""
-    path = tmp_path / "gateway.yaml"
-    path.write_text(f"store: sqlite:{tmp_path}/var/gateway.db\nsecret_key_file: {tmp_path}/var/secret.key\n")
-    _store(path).close()
-    return path
-
-
-def _store(config: Path) -> SQLiteStore:
-    base = config.parent / "var"
-    return SQLiteStore(str(base / "gateway.db"), SecretBox.from_file(base / "secret.key"))
 
 
 def _key_file(config: Path) -> Path:

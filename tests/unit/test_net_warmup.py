@@ -19,6 +19,8 @@ from gateway.net.warmup import DAY, share
 from gateway.store.base import NotFound, ValidationError, iso_utc
 from gateway.store.records import Routing
 
+from dnsbl_fakes import MemoryStore  # tests/unit/dnsbl_fakes.py
+
 WARM = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 NEW = "127.0.0.5"
 T0 = 1_700_000_000.0
@@ -32,17 +34,6 @@ def run(coroutine: Any) -> Any:
     if hasattr(out[0], "raiseException"):
         out[0].raiseException()
     return out[0]
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.docs: dict[str, Any] = {}
-
-    async def get_settings(self, name: str) -> Any:
-        return self.docs.get(name)
-
-    async def put_settings(self, name: str, data: Any) -> None:
-        self.docs[name] = data
 
 
 class Wall:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
@@ -13,35 +12,14 @@ import pytest_twisted
 from gateway.auth.secrets import SecretBox
 from gateway.auth.tokens import TokenCheck
 from gateway.store import StoreConfigError, open_store
-from gateway.store.base import AsyncStore, Conflict, NotFound, ValidationError
+from gateway.store.base import AsyncStore, Conflict
 from gateway.store.sqlite import SQLiteStore
-
-SECRETS = ("imap-pass-s3cret", "refresh-s3cret", "access-s3cret", "client-s3cret")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    s = SQLiteStore(str(tmp_path / "sub" / "gateway.db"), SecretBox.generate(), clock=lambda: 1700000000.0)
-    yield s
-    s.close()
-
-
-def _app(store: SQLiteStore, provider: str = "gmail", **extra: Any) -> str:
-    return store.create_app({"name": "app", "provider": provider, "clientId": "cid",
-                             "clientSecret": "client-s3cret", **extra})["id"]
 
 
 def _password_account(store: SQLiteStore, account: str = "alice") -> dict:
     return store.create_account({"account": account, "email": f"{account}@example.com",
                                  "imap": {"host": "imap.example.com", "port": 993, "secure": True,
                                           "auth": {"user": account, "pass": "imap-pass-s3cret"}}})
-
-
-def _assert_no_secrets(view: Any) -> None:
-    text = json.dumps(view)
-    for secret in SECRETS:
-        assert secret not in text
-    assert '"pass"' not in text and "refreshToken" not in text and "clientSecret" not in text
 
 
 def test_store_survives_reopen_with_same_key(tmp_path: Path) -> None:
